@@ -1,0 +1,38 @@
+# CUDA settings for memory3._C: architectures, nvcc flags, CUTLASS/CuTe headers.
+#
+# Architectures: sm_80 (Ampere) and sm_90a (Hopper, needed for wgmma/setmaxnreg). The
+# gencode form is used because `-arch=sm_90a` also runs a plain sm_90 pass (device HOPPER.md).
+set(MEMORY3_CUDA_GENCODE
+    "-gencode=arch=compute_80,code=sm_80"
+    "-gencode=arch=compute_90a,code=sm_90a"
+    CACHE STRING "nvcc -gencode flags for the memory3 CUDA kernels")
+set(MEMORY3_CUDA_ARCH_LIST "8.0;9.0a" CACHE STRING "Human-readable list, reported by _C")
+
+# CUTLASS/CuTe headers come from the `nvidia-cutlass` wheel (see third_party/README.md);
+# MEMORY3_CUTLASS_DIR overrides with any folder that holds include/cutlass/cutlass.h.
+if(NOT MEMORY3_CUTLASS_DIR)
+  execute_process(
+    COMMAND ${Python3_EXECUTABLE} ${CMAKE_SOURCE_DIR}/third_party/find_cutlass.py
+    OUTPUT_VARIABLE MEMORY3_CUTLASS_DIR OUTPUT_STRIP_TRAILING_WHITESPACE
+    RESULT_VARIABLE _cutlass_rc)
+endif()
+if(MEMORY3_CUTLASS_DIR AND EXISTS "${MEMORY3_CUTLASS_DIR}/include/cutlass/cutlass.h")
+  message(STATUS "memory3: CUTLASS headers from ${MEMORY3_CUTLASS_DIR}")
+  set(MEMORY3_HAVE_CUTLASS ON)
+else()
+  message(STATUS "memory3: CUTLASS not found (pip install nvidia-cutlass); kernels that need it are off")
+  set(MEMORY3_HAVE_CUTLASS OFF)
+endif()
+
+function(memory3_configure_cuda target)
+  set_target_properties(${target} PROPERTIES CUDA_ARCHITECTURES OFF CUDA_STANDARD 17)
+  target_compile_options(${target} PRIVATE
+    $<$<COMPILE_LANGUAGE:CUDA>:${MEMORY3_CUDA_GENCODE} -O3 --use_fast_math
+      --expt-relaxed-constexpr -lineinfo>)
+  target_compile_definitions(${target} PRIVATE
+    MEMORY3_CUDA_ARCH_LIST="${MEMORY3_CUDA_ARCH_LIST}")
+  if(MEMORY3_HAVE_CUTLASS)
+    target_include_directories(${target} PRIVATE ${MEMORY3_CUTLASS_DIR}/include)
+    target_compile_definitions(${target} PRIVATE MEMORY3_HAVE_CUTLASS)
+  endif()
+endfunction()

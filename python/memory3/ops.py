@@ -1,0 +1,2 @@
+import torch
+from memory3 import _C  # noqa: F401
