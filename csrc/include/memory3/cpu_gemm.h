@@ -3,6 +3,8 @@
 // tiles packed into the right layout, so one loop nest carries all the flops.
 #pragma once
 
+#include <cstring>
+
 #include "memory3/numeric.h"
 
 #if defined(__GNUC__)
@@ -23,36 +25,51 @@
 
 namespace memory3::cpu {
 
-// Tile sizes: C is computed in MR x NR register blocks; callers pad M to MR and N to NR.
-template <typename Acc> struct GemmTile {
-  static constexpr int MR = 4;
-  static constexpr int NR = 64 / int(sizeof(Acc));  // one 512-bit vector (two 256-bit) per row
+// One 64-byte vector of Acc (16 floats / 8 doubles) as a GCC/Clang vector extension: the
+// compiler maps it to one zmm, two ymm or four xmm registers depending on the ISA clone.
+// aligned(alignof(Acc)) makes loads and stores through it unaligned-safe.
+template <typename Acc> struct Vec64 {
+  typedef Acc type __attribute__((vector_size(64), aligned(alignof(Acc))));
 };
 
+// Tile sizes: rows are taken MR at a time (8, then 4 for the tail), columns one vector at a
+// time; callers pad M to a multiple of 4 and N to a multiple of NR.
+template <typename Acc> struct GemmTile {
+  static constexpr int MR = 4;
+  static constexpr int NR = 64 / int(sizeof(Acc));
+};
+
+// C[rows x NR] (+)= A[rows x K] * B[K x NR] with the rows' accumulators in registers.
+template <typename Acc, int Rows>
+M3_ALWAYS_INLINE void gemm_micro(Acc* __restrict C, int ldc, const Acc* __restrict A, int lda,
+                                 const Acc* __restrict B, int ldb, int K, bool accumulate) {
+  using V = typename Vec64<Acc>::type;
+  V acc[Rows];
+  for (int r = 0; r < Rows; ++r) {
+    if (accumulate) std::memcpy(&acc[r], C + r * ldc, sizeof(V));
+    else acc[r] = V{};
+  }
+  for (int k = 0; k < K; ++k) {
+    V b;
+    std::memcpy(&b, B + k * ldb, sizeof(V));
+    for (int r = 0; r < Rows; ++r) acc[r] += A[r * lda + k] * b;
+  }
+  for (int r = 0; r < Rows; ++r) std::memcpy(C + r * ldc, &acc[r], sizeof(V));
+}
+
 // C[M x N] (+)= A[M x K] * B[K x N]. Row-major, leading dimensions lda/ldb/ldc in elements.
-// M % MR == 0 and N % NR == 0 (pad with zeros).
+// M % 4 == 0 and N % NR == 0 (pad with zeros).
 template <typename Acc>
 M3_ALWAYS_INLINE void gemm(Acc* __restrict C, int ldc, const Acc* __restrict A, int lda,
                            const Acc* __restrict B, int ldb, int M, int N, int K, bool accumulate) {
-  constexpr int MR = GemmTile<Acc>::MR;
   constexpr int NR = GemmTile<Acc>::NR;
-  for (int i = 0; i < M; i += MR) {
-    for (int j = 0; j < N; j += NR) {
-      Acc acc[MR][NR];
-      for (int ii = 0; ii < MR; ++ii)
-        for (int jj = 0; jj < NR; ++jj)
-          acc[ii][jj] = accumulate ? C[(i + ii) * ldc + j + jj] : Acc(0);
-      for (int k = 0; k < K; ++k) {
-        const Acc* __restrict b = B + k * ldb + j;
-        for (int ii = 0; ii < MR; ++ii) {
-          const Acc a = A[(i + ii) * lda + k];
-          for (int jj = 0; jj < NR; ++jj) acc[ii][jj] += a * b[jj];
-        }
-      }
-      for (int ii = 0; ii < MR; ++ii)
-        for (int jj = 0; jj < NR; ++jj) C[(i + ii) * ldc + j + jj] = acc[ii][jj];
-    }
-  }
+  int i = 0;
+  for (; i + 8 <= M; i += 8)
+    for (int j = 0; j < N; j += NR)
+      gemm_micro<Acc, 8>(C + i * ldc + j, ldc, A + i * lda, lda, B + j, ldb, K, accumulate);
+  for (; i < M; i += 4)
+    for (int j = 0; j < N; j += NR)
+      gemm_micro<Acc, 4>(C + i * ldc + j, ldc, A + i * lda, lda, B + j, ldb, K, accumulate);
 }
 
 }  // namespace memory3::cpu

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "memory3/cpu_gemm.h"
+#include "memory3/cpu_rowops.h"
 #include "memory3/numeric.h"
 
 namespace memory3 {
@@ -234,17 +235,10 @@ class MemoryAttentionCpu {
         std::fill(s, s + np, Acc(0));
         continue;
       }
-      Acc mx = s[0];
-      for (int j = 1; j < lim; ++j) mx = std::max(mx, s[j]);
-      const Acc m_new = std::max(m_[r], mx);
-      const Acc alpha = exp_nonpositive(m_[r] - m_new);
-      Acc sum = 0;
-      for (int j = 0; j < lim; ++j) {
-        s[j] = exp_nonpositive(s[j] - m_new);
-        sum += s[j];
-      }
-      std::fill(s + lim, s + np, Acc(0));
-      l_[r] = l_[r] * alpha + sum;
+      mask_tail(s, lim, np);
+      const Acc m_new = std::max(m_[r], row_max(s, np));
+      const Acc alpha = std::exp(m_[r] - m_new);  // 0 on the first block (m = -inf)
+      l_[r] = l_[r] * alpha + row_exp_sum(s, np, m_new);
       m_[r] = m_new;
       if (alpha != Acc(1)) {
         Acc* o = o_.data() + r * Dp_;
@@ -264,12 +258,13 @@ class MemoryAttentionCpu {
       Acc* s = s_.data() + r * KP_;
       Acc* ds = ds_.data() + r * KP_;
       const int lim = (r >= row_lo && r < row_end) ? visible_keys(r, pbase, n, causal_j0) : 0;
-      for (int j = 0; j < lim; ++j) {
-        s[j] = exp_nonpositive(s[j] - lse_[r]);
-        ds[j] = s[j] * (ds[j] - delta_[r]);
+      if (lim == 0) {
+        std::fill(s, s + np, Acc(0));
+        std::fill(ds, ds + np, Acc(0));
+        continue;
       }
-      std::fill(s + lim, s + np, Acc(0));
-      std::fill(ds + lim, ds + np, Acc(0));
+      mask_tail(s, lim, np);
+      row_probs_and_ds(s, ds, np, lse_[r], delta_[r]);
     }
   }
 

@@ -65,26 +65,6 @@ template <typename T, typename Acc> inline T store_as(Acc x) {
   else return T(x);
 }
 
-// exp(x) for x <= 0 (the softmax case), exactly 0 below -87 and for -inf. Branch-free so
-// loops over it vectorize; relative error ~2e-7 (range reduction to 2^f, |f| <= 1/2, and a
-// degree-6 Taylor polynomial of e^(f ln 2)).
-inline float exp_nonpositive(float x) {
-  const float xc = x < -87.0f ? -87.0f : x;
-  const float t = xc * 1.44269504088896341f;
-  const float n = std::floor(t + 0.5f);
-  const float f = (t - n) * 0.693147180559945309f;
-  float p = 1.0f / 720.0f;
-  p = p * f + 1.0f / 120.0f;
-  p = p * f + 1.0f / 24.0f;
-  p = p * f + 1.0f / 6.0f;
-  p = p * f + 0.5f;
-  p = p * f + 1.0f;
-  p = p * f + 1.0f;
-  const float two_n = bits_float(uint32_t(int32_t(n) + 127) << 23);
-  return x < -87.0f ? 0.0f : p * two_n;
-}
-inline double exp_nonpositive(double x) { return std::exp(x); }
-
 inline constexpr int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
 }  // namespace memory3
