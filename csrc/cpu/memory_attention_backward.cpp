@@ -1,0 +1,136 @@
+// CPU launcher of memory_attention, backward: dq (and delta) per query block, dk/dv per
+// context key block, and per-slot memory grads added into the bank rows by id.
+#include <ATen/ATen.h>
+
+#include <tuple>
+#include <vector>
+
+#include "memory_attention_launch.h"
+
+namespace memory3 {
+namespace {
+
+using namespace cpu_launch;
+using cpu::MemoryAttentionCpu;
+
+M3_CPU_MULTIVERSION void run_backward_pass(Pass pass, const PassArgs& a) {
+  dispatch_types(a.elem, a.int8, [&](auto t, auto mt, auto acc) M3_LAMBDA_INLINE {
+    const MemoryAttentionParams& p = *a.p;
+    MemoryAttentionCpu<decltype(t), decltype(mt), decltype(acc)> kernel(p, a.block_q);
+    const int64_t bh = int64_t(p.B) * p.Hkv;
+    const int nqb = (p.T + a.block_q - 1) / a.block_q;
+    int64_t i;
+    switch (pass) {
+      case Pass::dq:
+        kernel.lse_in_ = p.lse;
+        while (a.queue->pop(i)) {
+          const int qb = nqb - 1 - int(i / bh), b = int(i % bh / p.Hkv), kvh = int(i % p.Hkv);
+          kernel.backward_dq_item(*a.g, b, kvh, qb * a.block_q);
+        }
+        break;
+      case Pass::dkv:  // heaviest first: the first key blocks are seen by the most queries
+        kernel.lse_in_ = p.lse;
+        while (a.queue->pop(i)) {
+          const int kb = int(i / bh), b = int(i % bh / p.Hkv), kvh = int(i % p.Hkv);
+          kernel.backward_dkv_item(*a.g, b, kvh, kb * cpu::kKeyBlock);
+        }
+        break;
+      case Pass::dmem:
+        kernel.lse_in_ = p.lse;
+        while (a.queue->pop(i)) {
+          const int c = int(i / bh), b = int(i % bh / p.Hkv), kvh = int(i % p.Hkv);
+          kernel.backward_mem_item(*a.g, b, c, kvh);
+        }
+        break;
+      case Pass::forward:  // run_forward_pass
+        break;
+    }
+  });
+}
+
+// Adds the per-slot memory grads [B, C, R, 2, Hkv, M, D] into the bank grads by id, one
+// KV head per task and the slots in a fixed order, so the result is deterministic.
+template <typename Acc>
+void reduce_memory_grads(const at::Tensor& slots, const at::Tensor& mem_ids, at::Tensor& dmem_k,
+                         at::Tensor& dmem_v) {
+  const int64_t B = slots.size(0), C = slots.size(1), R = slots.size(2), Hkv = slots.size(4);
+  const int64_t row = slots.size(5) * slots.size(6);
+  const Acc* src = slots.data_ptr<Acc>();
+  const int32_t* ids = mem_ids.data_ptr<int32_t>();
+  Acc* dk = dmem_k.data_ptr<Acc>();
+  Acc* dv = dmem_v.data_ptr<Acc>();
+  at::parallel_for(0, Hkv, 1, [&](int64_t h0, int64_t h1) {
+    for (int64_t h = h0; h < h1; ++h)
+      for (int64_t slot = 0; slot < B * C * R; ++slot) {
+        const int64_t id = ids[slot];
+        if (id < 0) continue;
+        const Acc* gk = src + ((slot * 2 + 0) * Hkv + h) * row;
+        const Acc* gv = src + ((slot * 2 + 1) * Hkv + h) * row;
+        Acc* tk = dk + (id * Hkv + h) * row;
+        Acc* tv = dv + (id * Hkv + h) * row;
+        for (int64_t e = 0; e < row; ++e) tk[e] += gk[e], tv[e] += gv[e];
+      }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> memory_attention_backward_cpu(
+    const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& mem_k, const at::Tensor& mem_v, const at::Tensor& mem_ids,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& kv_lens, int64_t chunk_size,
+    int64_t chunk_start, double scale, const std::optional<at::Tensor>& mem_k_scale,
+    const std::optional<at::Tensor>& mem_v_scale, bool mem_grad) {
+  Prepared in = prepare(q, k, v, mem_k, mem_v, mem_ids, kv_lens, chunk_size, chunk_start, scale,
+                        mem_k_scale, mem_v_scale);
+  const auto& s = in.shape;
+  TORCH_CHECK(dout.sizes() == q.sizes(), "dout must have the shape of q ", q.sizes(), ", got ", dout.sizes());
+  TORCH_CHECK(out.sizes() == q.sizes(), "out must have the shape of q ", q.sizes(), ", got ", out.sizes());
+  TORCH_CHECK(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "dout and out must have the dtype of q (", q.scalar_type(), ")");
+  const std::vector<int64_t> stat_shape{s.B, s.Hq, s.T};
+  TORCH_CHECK(lse.sizes() == stat_shape && lse.scalar_type() == at::kFloat, "lse must be float32 [B, Hq, T] = ",
+              stat_shape, ", got ", lse.scalar_type(), " ", lse.sizes());
+  if (dlse) TORCH_CHECK(dlse->sizes() == stat_shape && dlse->scalar_type() == at::kFloat,
+                        "dlse must be float32 [B, Hq, T]");
+  TORCH_CHECK(!(mem_grad && s.int8_bank), "memory_attention: an int8 bank has no gradient (mem_grad=True)");
+
+  const at::ScalarType acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor dout_c = dout.contiguous(), out_c = out.contiguous(), lse_c = lse.contiguous();
+  std::optional<at::Tensor> dlse_c = dlse ? std::optional<at::Tensor>(dlse->contiguous()) : std::nullopt;
+  at::Tensor dq = at::empty({s.B, s.T, s.Hq, s.D}, q.options());
+  at::Tensor dk = at::zeros({s.B, s.S, s.Hkv, s.D}, q.options());
+  at::Tensor dv = at::zeros({s.B, s.S, s.Hkv, s.D}, q.options());
+  at::Tensor delta = at::empty({s.B, s.Hq, s.T}, q.options().dtype(acc_type));
+  at::Tensor slots;
+  if (mem_grad) slots = at::zeros({s.B, s.C, s.R, 2, s.Hkv, s.M, s.D}, q.options().dtype(acc_type));
+
+  MemoryAttentionParams p = make_params(s, in.q, in.k, in.v, in.mem_k, in.mem_v, in.mem_ids, in.kv_lens,
+                                        chunk_size, chunk_start, scale, in.mks, in.mvs);
+  p.lse = lse_c.data_ptr<float>();
+  MemoryAttentionGradParams g{};
+  g.dout = dout_c.data_ptr();
+  g.out = out_c.data_ptr();
+  g.dlse = dlse_c ? dlse_c->data_ptr<float>() : nullptr;
+  g.dq = dq.data_ptr(), g.dk = dk.data_ptr(), g.dv = dv.data_ptr();
+  g.delta = delta.data_ptr();
+  g.mem_grad = mem_grad ? slots.data_ptr() : nullptr;
+
+  const PassArgs args{&p, &g, elem_of(q.scalar_type()), s.int8_bank, in.block_q, nullptr};
+  const int64_t bh = s.B * s.Hkv;
+  parallel_pass(run_backward_pass, Pass::dq, args, (s.T + in.block_q - 1) / in.block_q * bh);  // also writes delta
+  parallel_pass(run_backward_pass, Pass::dkv, args, (s.S + cpu::kKeyBlock - 1) / cpu::kKeyBlock * bh);
+  at::Tensor dmem_k = at::empty({0}, q.options()), dmem_v = at::empty({0}, q.options());
+  if (mem_grad) {
+    parallel_pass(run_backward_pass, Pass::dmem, args, s.C * bh);
+    at::Tensor acc_k = at::zeros({s.N, s.Hkv, s.M, s.D}, q.options().dtype(acc_type));
+    at::Tensor acc_v = at::zeros_like(acc_k);
+    if (acc_type == at::kDouble) reduce_memory_grads<double>(slots, in.mem_ids, acc_k, acc_v);
+    else reduce_memory_grads<float>(slots, in.mem_ids, acc_k, acc_v);
+    dmem_k = acc_k.to(mem_k.scalar_type());
+    dmem_v = acc_v.to(mem_k.scalar_type());
+  }
+  return {dq, dk, dv, dmem_k, dmem_v};
+}
+
+}  // namespace memory3
