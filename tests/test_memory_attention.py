@@ -1,0 +1,315 @@
+"""memory_attention on the CPU, held to memory3.reference (in float64) and, where the two
+can be compared, to torch's scaled_dot_product_attention as an independent oracle."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import memory3
+from memory3 import ops
+from memory3.reference import memory_attention_ref
+from memory3.testing import AttentionCase
+
+GQA = [(4, 4), (4, 2), (8, 2), (8, 1), (5, 1), (10, 2)]  # (Hq, Hkv): ratios 1, 2, 4, 8, 5, 5
+HEAD_DIMS = [16, 64, 80, 128]
+SHAPES = {  # T, S, kv_lens
+    "decode": dict(T=1, S=97),
+    "prefill": dict(T=113, S=113),
+    "chunked_prefill": dict(T=37, S=150),
+    "ragged_decode": dict(T=1, S=200, kv_lens=[50, 199]),
+    "ragged_prefill": dict(T=40, S=90, kv_lens=[90, 25]),  # sequence 1: 15 padded queries
+}
+
+
+def reference(args: dict, dtype=torch.float64):
+    return memory_attention_ref(**args, compute_dtype=dtype)
+
+
+def assert_lse_close(lse, ref_lse, atol):
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "queries that see no key must have lse -inf"
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[finite], ref_lse[finite].float(), atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("Hq,Hkv", GQA)
+def test_forward_float32(Hq, Hkv, D, shape):
+    case = AttentionCase(Hq=Hq, Hkv=Hkv, D=D, **SHAPES[shape])
+    args = case.make()
+    out, lse = ops.memory_attention(**args)
+    ref_out, ref_lse = reference(args)
+    torch.testing.assert_close(out, ref_out.float(), atol=2e-5, rtol=2e-5)
+    assert_lse_close(lse, ref_lse, 2e-5)
+
+
+@pytest.mark.parametrize("shape", ["decode", "chunked_prefill", "ragged_prefill"])
+@pytest.mark.parametrize("D", [64, 80])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_forward_low_precision(dtype, D, shape):
+    """FlashAttention's rule: error vs float64 at most twice PyTorch's own in that dtype."""
+    case = AttentionCase(Hq=10, Hkv=2, D=D, dtype=dtype, **SHAPES[shape])
+    args = case.make()
+    out, lse = ops.memory_attention(**args)
+    ref_out, ref_lse = reference(args)
+    torch_out, _ = memory_attention_ref(**args, compute_dtype=dtype)
+    err = (out.double() - ref_out.double()).abs().max().item()
+    torch_err = (torch_out.double() - ref_out.double()).abs().max().item()
+    assert err <= 2 * torch_err + 1e-3, (err, torch_err)
+    assert_lse_close(lse, ref_lse, 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", ["decode", "prefill", "ragged_prefill"])
+def test_int8_bank_fused(shape, dtype):
+    """An int8 bank is dequantized inside the kernel: same answer as a float bank holding
+    code * scale."""
+    case = AttentionCase(Hq=8, Hkv=2, D=80, dtype=dtype, int8_bank=True, **SHAPES[shape])
+    args = case.make()
+    out, lse = ops.memory_attention(**args)
+    ref_out, ref_lse = reference(args)
+    atol = 2e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.double(), ref_out.double(), atol=atol, rtol=atol)
+    assert_lse_close(lse, ref_lse, 1e-4)
+
+
+@pytest.mark.parametrize("chunk_size,chunk_start", [(1, 0), (7, 0), (16, 5), (64, 2), (200, 0)])
+def test_chunk_grid(chunk_size, chunk_start):
+    case = AttentionCase(T=70, S=130, chunk_size=chunk_size, chunk_start=chunk_start, R=3, M=3)
+    args = case.make()
+    out, lse = ops.memory_attention(**args)
+    ref_out, ref_lse = reference(args)
+    torch.testing.assert_close(out, ref_out.float(), atol=2e-5, rtol=2e-5)
+    assert_lse_close(lse, ref_lse, 2e-5)
+
+
+def _sdpa_gqa(q, k, v, mask):
+    """SDPA with GQA expanded by hand; q [B,T,Hq,D], k/v [B,L,Hkv,D], mask [B,1|Hq,T,L]."""
+    G = q.shape[2] // k.shape[2]
+    k, v = (x.repeat_interleave(G, dim=2).transpose(1, 2) for x in (k, v))
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask).transpose(1, 2)
+
+
+def test_no_memory_equals_causal_sdpa():
+    """All slots empty: plain causal attention (the second half of the model's layers)."""
+    case = AttentionCase(B=3, T=50, S=50, Hq=8, Hkv=2, D=64, empty_slot_frac=1.0)
+    args = case.make()
+    out, _ = ops.memory_attention(**args)
+    expect = _sdpa_gqa(args["q"], args["k"], args["v"], torch.ones(50, 50, dtype=torch.bool).tril())
+    torch.testing.assert_close(out, expect, atol=2e-5, rtol=2e-5)
+
+
+def test_memory_as_prefix_equals_sdpa():
+    """Independent oracle: one chunk whose memories are concatenated before the context and
+    attended with an explicit mask by SDPA (the paper's eq. 4), ids repeated on purpose."""
+    B, T, Hq, Hkv, D, M = 2, 20, 6, 2, 32, 4
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(B, T, h, D, generator=g) for h in (Hq, Hkv, Hkv))
+    bank_k, bank_v = torch.randn(2, 9, Hkv, M, D, generator=g)
+    ids = torch.tensor([[[3, 8, 3]], [[0, -1, 5]]], dtype=torch.int32)
+    out, _ = ops.memory_attention(q, k, v, bank_k, bank_v, ids, chunk_size=T, chunk_start=0)
+    for b in range(B):
+        rows = [int(i) for i in ids[b, 0] if i >= 0]
+        mk = bank_k[rows].permute(1, 0, 2, 3).reshape(Hkv, -1, D).transpose(0, 1)  # [L_mem, Hkv, D]
+        mv = bank_v[rows].permute(1, 0, 2, 3).reshape(Hkv, -1, D).transpose(0, 1)
+        keys, vals = torch.cat([mk, k[b]])[None], torch.cat([mv, v[b]])[None]
+        mask = torch.cat([torch.ones(T, mk.shape[0], dtype=torch.bool), torch.ones(T, T, dtype=torch.bool).tril()], 1)
+        torch.testing.assert_close(out[b : b + 1], _sdpa_gqa(q[b : b + 1], keys, vals, mask), atol=2e-5, rtol=2e-5)
+
+
+def test_padded_queries_give_zero_and_neg_inf_lse():
+    case = AttentionCase(T=10, S=10, kv_lens=[10, 4], chunk_start=0)
+    out, lse = ops.memory_attention(**case.make())
+    assert torch.all(out[1, :6] == 0)
+    assert torch.all(torch.isneginf(lse[1, :, :6]))
+    assert torch.isfinite(lse[1, :, 6:]).all() and torch.isfinite(lse[0]).all()
+
+
+def test_strided_inputs():
+    """k/v as a prefix of a larger static cache, q a non-contiguous view: no copy needed."""
+    case = AttentionCase(T=5, S=60)
+    args = case.make()
+    big_k = torch.randn(2, 100, 2, 64)
+    big_k[:, :60] = args["k"]
+    args_strided = dict(args, k=big_k[:, :60], q=args["q"].transpose(1, 2).contiguous().transpose(1, 2))
+    assert not args_strided["k"].is_contiguous() and not args_strided["q"].is_contiguous()
+    torch.testing.assert_close(ops.memory_attention(**args_strided)[0], ops.memory_attention(**args)[0], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- backward
+
+
+@pytest.mark.parametrize("shape", ["decode", "prefill", "chunked_prefill", "ragged_prefill"])
+@pytest.mark.parametrize("Hq,Hkv,D", [(4, 4, 16), (8, 2, 64), (5, 1, 80), (8, 1, 128)])
+def test_backward_matches_reference(Hq, Hkv, D, shape):
+    """Gradients for q, k, v, mem_k, mem_v from out and lse, with repeated ids accumulating."""
+    case = AttentionCase(Hq=Hq, Hkv=Hkv, D=D, N=6, **SHAPES[shape])  # small bank: ids repeat
+    args = case.make(requires_grad=True)
+    leaves = [args[n] for n in ("q", "k", "v", "mem_k", "mem_v")]
+    out, lse = ops.memory_attention(**args)
+    g = torch.Generator().manual_seed(1)
+    dout, dlse = torch.randn(out.shape, generator=g), torch.randn(lse.shape, generator=g)
+    loss = (out * dout).sum() + (lse.nan_to_num(neginf=0.0) * dlse).sum()
+    grads = torch.autograd.grad(loss, leaves)
+
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref_args = dict(args, **dict(zip(("q", "k", "v", "mem_k", "mem_v"), ref_leaves)))
+    ref_out, ref_lse = memory_attention_ref(**ref_args)
+    seen = torch.isfinite(ref_lse)
+    ref_loss = (ref_out * dout.double()).sum() + (ref_lse.double()[seen] * dlse.double()[seen]).sum()
+    ref_grads = torch.autograd.grad(ref_loss, ref_leaves)
+    for name, got, want in zip(("q", "k", "v", "mem_k", "mem_v"), grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=5e-5, msg=lambda m: f"d{name}: {m}")
+
+
+def test_backward_low_precision():
+    case = AttentionCase(T=37, S=100, Hq=8, Hkv=2, D=80, dtype=torch.bfloat16)
+    args = case.make(requires_grad=True)
+    out, _ = ops.memory_attention(**args)
+    out.float().square().sum().backward()
+    ref_leaves = [args[n].detach().double().requires_grad_() for n in ("q", "k", "v", "mem_k", "mem_v")]
+    ref_out, _ = memory_attention_ref(**dict(args, **dict(zip(("q", "k", "v", "mem_k", "mem_v"), ref_leaves))))
+    ref_out.square().sum().backward()
+    for name, ref in zip(("q", "k", "v", "mem_k", "mem_v"), ref_leaves):
+        got = args[name].grad.double()
+        assert got.dtype == torch.float64 and args[name].grad.dtype == torch.bfloat16
+        rel = (got - ref.grad).norm() / ref.grad.norm()
+        assert rel < 2e-2, (name, rel.item())
+
+
+def test_gradcheck_float64():
+    case = AttentionCase(B=2, T=5, S=9, Hq=4, Hkv=2, D=8, N=4, M=2, R=2, chunk_size=3, chunk_start=1,
+                         dtype=torch.float64, kv_lens=[9, 7], empty_slot_frac=0.25)
+    args = case.make(requires_grad=True)
+    names = ("q", "k", "v", "mem_k", "mem_v")
+
+    def out_of(*leaves):
+        return ops.memory_attention(**dict(args, **dict(zip(names, leaves))))
+
+    leaves = tuple(args[n] for n in names)
+    assert torch.autograd.gradcheck(lambda *x: out_of(*x)[0], leaves)
+    # lse is float32 by contract: a wider step keeps finite differences above its rounding.
+    assert torch.autograd.gradcheck(lambda *x: out_of(*x)[1].nan_to_num(neginf=0.0).double(), leaves,
+                                    eps=1e-3, atol=2e-3)
+
+
+def test_int8_bank_has_no_gradient_but_context_does():
+    args = AttentionCase(int8_bank=True, T=9, S=40).make(requires_grad=True)
+    out, _ = ops.memory_attention(**args)
+    out.sum().backward()
+    assert args["q"].grad is not None and args["k"].grad is not None and not args["mem_k"].requires_grad
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def _bad(**changes):
+    args = AttentionCase(T=4, S=40).make()
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        (dict(q=torch.randn(2, 4, 8)), r"q must be \[B, T, Hq, D\]"),
+        (dict(q=torch.randn(2, 4, 7, 64)), r"multiple of k/v heads"),
+        (dict(q=torch.randn(2, 4, 8, 64, dtype=torch.float64)), r"k must have the dtype of q"),
+        (dict(k=torch.randn(2, 40, 2, 32), v=torch.randn(2, 40, 2, 32)), r"k must have head dim"),
+        (dict(v=torch.randn(2, 41, 2, 64)), r"v must have the shape of k"),
+        (dict(mem_k=torch.randn(33, 3, 8, 64), mem_v=torch.randn(33, 3, 8, 64)), r"mem_k must have Hkv=2"),
+        (dict(mem_v=torch.randn(33, 2, 8, 64, dtype=torch.float64)), r"mem_v must have the dtype of mem_k"),
+        (dict(mem_k=torch.zeros(33, 2, 8, 64, dtype=torch.int8), mem_v=torch.zeros(33, 2, 8, 64, dtype=torch.int8)),
+         r"int8 bank needs mem_k_scale"),
+        (dict(mem_ids=torch.zeros(2, 1, 5, dtype=torch.int32)), r"mem_ids has 1 chunks but the context"),
+        (dict(mem_ids=torch.zeros(2, 5, dtype=torch.int32)), r"mem_ids must be \[B=2, C, R\]"),
+        (dict(mem_ids=torch.zeros(2, 3, 5)), r"mem_ids must be an integer tensor"),
+        (dict(kv_lens=torch.tensor([4], dtype=torch.int32)), r"kv_lens must be \[B=2\]"),
+        (dict(chunk_size=0), r"chunk_size must be positive"),
+        (dict(q=torch.randn(2, 50, 8, 64)), r"k/v hold only S=40"),
+    ],
+)
+def test_bad_input_raises_naming_the_argument(changes, match):
+    with pytest.raises(ValueError, match=match):
+        ops.memory_attention(**_bad(**changes))
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        (dict(mem_ids=torch.full((2, 3, 5), 33, dtype=torch.int32)), r"mem_ids holds 33 .* outside \[-1, N=33\)"),
+        (dict(mem_ids=torch.full((2, 3, 5), -2, dtype=torch.int32)), r"mem_ids holds -2"),
+        (dict(kv_lens=torch.tensor([40, 41], dtype=torch.int32)), r"kv_lens\[1\] = 41 is outside \[0, S=40\]"),
+    ],
+)
+def test_bad_data_raises_in_the_kernel(changes, match):
+    with pytest.raises(RuntimeError, match=match):
+        ops.memory_attention(**_bad(**changes))
+
+
+def test_short_chunk_table_with_kv_lens_raises():
+    args = _bad(kv_lens=torch.tensor([40, 40], dtype=torch.int32), mem_ids=torch.zeros(2, 2, 5, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match=r"mem_ids has 2 chunks but sequence 0 .* needs 3"):
+        ops.memory_attention(**args)
+    # A static cache longer than the filled context only needs chunks for what is filled.
+    args["kv_lens"] = torch.tensor([30, 20], dtype=torch.int32)
+    ops.memory_attention(**args)
+
+
+def test_direct_op_call_checks_too():
+    """Callers of torch.ops.memory3.* directly get the C++ checks (RuntimeError)."""
+    a = _bad()
+    with pytest.raises(RuntimeError, match=r"q must be \[B, T, Hq, D\]"):
+        torch.ops.memory3.memory_attention(a["q"][0], a["k"], a["v"], a["mem_k"], a["mem_v"], a["mem_ids"])
+
+
+# ---------------------------------------------------------------------------- integration
+
+
+def test_cpp_kernel_is_the_one_running():
+    """The op dispatches to the compiled CPU kernel: one memory3 event, no aten math inside."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("memory3::memory_attention", "CPU")
+    assert memory3._extension.available()
+    args = AttentionCase(T=64, S=64).make()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        ops.memory_attention(**args)
+    names = {e.name for e in prof.events()}
+    assert "memory3::memory_attention" in names
+    assert not names & {"aten::softmax", "aten::bmm", "aten::matmul", "aten::logsumexp", "aten::_softmax"}
+
+
+def test_opcheck():
+    args = AttentionCase(T=6, S=20, D=16).make(requires_grad=True)
+    order = ("q", "k", "v", "mem_k", "mem_v", "mem_ids", "kv_lens", "chunk_size", "chunk_start")
+    args.setdefault("kv_lens", None)
+    torch.library.opcheck(torch.ops.memory3.memory_attention.default, tuple(args[n] for n in order))
+
+
+def test_torch_compile_fullgraph_with_backward():
+    case = AttentionCase(T=12, S=30, D=16)
+    args = case.make(requires_grad=True)
+
+    def layer(q, k, v, mem_k, mem_v):
+        out, lse = ops.memory_attention(q, k, v, mem_k, mem_v, args["mem_ids"], chunk_size=case.chunk_size,
+                                        chunk_start=case.chunk_start)
+        return F.silu(out).square().mean() + lse.mean()
+
+    leaves = [args[n] for n in ("q", "k", "v", "mem_k", "mem_v")]
+    compiled = torch.compile(layer, fullgraph=True)
+    loss = compiled(*leaves)
+    grads = torch.autograd.grad(loss, leaves)
+    eager_loss = layer(*leaves)
+    eager_grads = torch.autograd.grad(eager_loss, leaves)
+    torch.testing.assert_close(loss, eager_loss)
+    for got, want in zip(grads, eager_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_case_dataclass_is_reproducible():
+    a, b = AttentionCase().make(), AttentionCase().make()
+    assert torch.equal(a["q"], b["q"])
+    c = dataclasses.replace(AttentionCase(), D=80).make()
+    assert c["q"].shape[-1] == 80
