@@ -1,0 +1,165 @@
+"""memory_attention on the CPU: the compiled kernel against memory3.reference.
+
+    python bench/bench_memory_attention.py                 # table of every preset
+    python bench/bench_memory_attention.py --preset decode --dtype bfloat16
+    pytest bench/bench_memory_attention.py --benchmark-enable
+
+Times are medians of repeated calls in one process (torch's intra-op threads: all cores).
+Peak memory is measured in a fresh subprocess as the growth of its maximum resident set
+over one call, so it shows whether a path materialises the T x S score matrix.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from memory3 import ops
+from memory3.reference import memory_attention_ref
+from memory3.testing import AttentionCase
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Issue 2's targets: decode and prefill at B=4, Hq=8, Hkv=2, D=64, 5 memories x 8 tokens per
+# 64-token chunk; plus the paper's head shape (Hq=40, Hkv=8, D=80) at a CPU-sized batch.
+PRESETS = {
+    "decode": AttentionCase(B=4, T=1, S=2048, Hq=8, Hkv=2, D=64, N=1000, M=8, R=5, chunk_size=64,
+                            chunk_start=0, empty_slot_frac=0.0),
+    "prefill": AttentionCase(B=4, T=512, S=512, Hq=8, Hkv=2, D=64, N=1000, M=8, R=5, chunk_size=64,
+                             chunk_start=0, empty_slot_frac=0.0),
+    "prefill_2k": AttentionCase(B=1, T=2048, S=2048, Hq=8, Hkv=2, D=64, N=1000, M=8, R=5, chunk_size=64,
+                                chunk_start=0, empty_slot_frac=0.0),
+    "paper_heads_decode": AttentionCase(B=4, T=1, S=2048, Hq=40, Hkv=8, D=80, N=1000, M=8, R=5,
+                                        chunk_size=64, chunk_start=0, empty_slot_frac=0.0),
+}
+
+
+def median_seconds(fn, min_reps: int = 5, budget_s: float = 2.0) -> float:
+    """Median wall time of fn() after one warm-up call (the CPU ops are synchronous)."""
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < budget_s and len(times) < 200):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def kernel_call(args: dict):
+    return ops.memory_attention(**args)
+
+
+def reference_call(args: dict):
+    return memory_attention_ref(**args)
+
+
+def flops(case: AttentionCase) -> float:
+    """Useful flops: QK and PV over the causal context and each query's chunk memories."""
+    context = sum(case.S - case.T + i + 1 for i in range(case.T))
+    memory_keys = case.R * case.M * case.T
+    return 4.0 * case.B * case.Hq * case.D * (context + memory_keys)
+
+
+def peak_extra_mb(preset: str, dtype: str, path: str) -> float:
+    """Growth of the max RSS of a fresh process over one call of `path` (kernel|reference)."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--peak-rss", path, "--preset", preset, "--dtype", dtype],
+        capture_output=True, text=True, check=True,
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def high_water_rss_mb() -> float:
+    """Peak resident set of this process. VmHWM belongs to the address space, so unlike
+    ru_maxrss it does not carry over the parent's peak through fork + exec."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def _child_peak_rss(path: str, preset: str, dtype: str) -> None:
+    case = dataclasses.replace(PRESETS[preset], dtype=DTYPES[dtype])
+    args = case.make()
+    small = dataclasses.replace(case, T=1, S=case.chunk_size).make()
+    fn = kernel_call if path == "kernel" else reference_call
+    fn(small)  # load code paths and thread pools before the baseline
+    before = high_water_rss_mb()
+    fn(args)
+    print(high_water_rss_mb() - before)
+
+
+def measure(preset: str, dtype: str = "float32", with_memory: bool = True) -> dict:
+    """One row of the table: kernel and reference medians, speedup, GFLOP/s, peak growth."""
+    case = dataclasses.replace(PRESETS[preset], dtype=DTYPES[dtype])
+    args = case.make()
+    kernel_s = median_seconds(lambda: kernel_call(args))
+    reference_s = median_seconds(lambda: reference_call(args), min_reps=3)
+    row = {
+        "op": "memory_attention",
+        "case": f"{preset} {dtype}",
+        "shape": f"B={case.B} T={case.T} S={case.S} Hq={case.Hq} Hkv={case.Hkv} D={case.D} mem={case.R}x{case.M}",
+        "kernel_ms": kernel_s * 1e3,
+        "reference_ms": reference_s * 1e3,
+        "speedup": reference_s / kernel_s,
+        "kernel_gflops": flops(case) / kernel_s / 1e9,
+        "threads": torch.get_num_threads(),
+    }
+    if with_memory:
+        row["kernel_peak_mb"] = peak_extra_mb(preset, dtype, "kernel")
+        row["reference_peak_mb"] = peak_extra_mb(preset, dtype, "reference")
+        row["output_mb"] = case.B * case.T * case.Hq * case.D * torch.finfo(case.dtype).bits / 8 / 2**20
+    return row
+
+
+# ---------------------------------------------------------------------------- pytest-benchmark
+
+@pytest.mark.parametrize("preset", ["decode", "prefill"])
+def test_kernel(benchmark, preset):
+    args = PRESETS[preset].make()
+    benchmark(kernel_call, args)
+
+
+@pytest.mark.parametrize("preset", ["decode", "prefill"])
+def test_reference(benchmark, preset):
+    args = PRESETS[preset].make()
+    benchmark(reference_call, args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), action="append", help="default: all")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--json", action="store_true", help="print rows as JSON lines")
+    parser.add_argument("--peak-rss", choices=["kernel", "reference"], help=argparse.SUPPRESS)
+    a = parser.parse_args()
+    if a.peak_rss:
+        _child_peak_rss(a.peak_rss, a.preset[0], a.dtype)
+        return
+    for preset in a.preset or list(PRESETS):
+        row = measure(preset, a.dtype, with_memory=not a.no_memory)
+        if a.json:
+            print(json.dumps(row))
+        else:
+            mem = (f"  peak +{row['kernel_peak_mb']:.1f} MB vs +{row['reference_peak_mb']:.1f} MB"
+                   if "kernel_peak_mb" in row else "")
+            print(f"{row['case']:<28} kernel {row['kernel_ms']:9.3f} ms  reference {row['reference_ms']:9.3f} ms"
+                  f"  x{row['speedup']:.1f}  {row['kernel_gflops']:.1f} GFLOP/s{mem}")
+
+
+if __name__ == "__main__":
+    main()

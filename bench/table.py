@@ -1,0 +1,58 @@
+"""Every op's CPU kernel against its pure-PyTorch reference, as one markdown table.
+
+    python bench/table.py            # all rows (about a minute on 2 cores)
+    python bench/table.py --quick    # fewer repetitions, no peak-memory subprocesses
+
+Rows: memory_attention presets (decode and prefill at issue 2's target shape, the paper's
+head shape), gather_memory from a bf16 and an int8 bank, and each codec's quantize and
+gather+dequantize. Ratios are measured in this run, on this machine.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+
+import torch
+
+import bench_codecs
+import bench_gather_memory
+import bench_memory_attention
+
+
+def rows(quick: bool) -> list[tuple]:
+    repeats = 10 if quick else 50
+    out = []
+    for preset in bench_memory_attention.PRESETS:
+        r = bench_memory_attention.measure(preset, "float32", with_memory=not quick)
+        note = f"{r['kernel_gflops']:.1f} GFLOP/s"
+        if "kernel_peak_mb" in r:
+            note += f"; peak +{r['kernel_peak_mb']:.1f} MB (ref +{r['reference_peak_mb']:.1f} MB)"
+        out.append(("memory_attention", r["case"], r["kernel_ms"], r["reference_ms"], r["speedup"], note))
+    for bank in bench_gather_memory.BANKS:
+        r = bench_gather_memory.measure(bank, repeats=repeats)
+        note = f"{r['kernel_gbps']:.1f} GB/s = {100 * r['kernel_vs_copy']:.0f}% of copy"
+        out.append(("gather_memory", f"{bank} bank", 1e3 * r["kernel_s"], 1e3 * r["reference_s"], r["speedup"], note))
+    for codec in bench_codecs.CODECS:
+        r = bench_codecs.measure(codec, repeats=repeats)
+        note = f"{r['bytes_per_vector']} B/vector ({r['compression_vs_bf16']:.1f}x vs bf16), rel L2 {r['rel_l2']:.4f}"
+        out.append(("quantize_memory", codec, 1e3 * r["quantize_s"], 1e3 * r["quantize_reference_s"],
+                    r["quantize_speedup"], note))
+        out.append(("dequantize_memory", f"{codec}, by id", 1e3 * r["dequantize_s"], 1e3 * r["dequantize_reference_s"],
+                    r["dequantize_speedup"], ""))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions, skip peak-memory runs")
+    args = parser.parse_args()
+    print(f"# memory3 CPU kernels vs reference — torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}\n")
+    print("| op | case | kernel ms | reference ms | speedup | notes |")
+    print("|---|---|---:|---:|---:|---|")
+    for op, case, k, ref, speed, note in rows(args.quick):
+        print(f"| {op} | {case} | {k:.3f} | {ref:.3f} | {speed:.1f}x | {note} |")
+
+
+if __name__ == "__main__":
+    main()
