@@ -1,0 +1,195 @@
+"""Memory codecs on the CPU (quantize_memory / dequantize_memory) against their references.
+
+    pytest bench/bench_codecs.py --benchmark-enable     # pytest-benchmark tables
+    python bench/bench_codecs.py                        # measure(): one line per codec
+
+Shapes: quantize encodes one batch of 64 memories (Hkv=8, M=8, D=80: 4096 vectors), as the
+encoder writes them; dequantize gathers and decodes the 160 ids of one chunk (32 sequences
+x 5 memories) from a bank of N=20000 memories into bf16, the read path of generation.
+measure() also reports each codec's bytes per 80-dim vector and its relative L2
+reconstruction error. The data is Gaussian, which is the hard case for pq: real key-values
+are far more structured, so its error here is an upper bound, not an estimate.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import pytest
+import torch
+
+import memory3  # noqa: F401  (loads memory3._C)
+from memory3.reference import dequantize_memory_ref, quantize_memory_ref
+
+quantize_memory = torch.ops.memory3.quantize_memory
+dequantize_memory = torch.ops.memory3.dequantize_memory
+
+CODECS = ("int8", "int4", "pq")
+PQ_DSUB = 8  # 10 sub-vectors of 8 dims per 80-dim vector: 10 bytes
+
+
+@dataclass(frozen=True)
+class Shape:
+    N: int = 20000  # memories in the bank
+    Hkv: int = 8
+    M: int = 8
+    D: int = 80
+    encode: int = 64  # memories per quantize call
+    ids: int = 160  # memories per dequantize call
+
+
+def pq_codebook(x: torch.Tensor, dsub: int = PQ_DSUB, iters: int = 5, seed: int = 0) -> torch.Tensor:
+    """A few Lloyd iterations per (head, sub-space) from 256 data points: [Hkv, D/dsub, 256, dsub]."""
+    N, Hkv, M, D = x.shape
+    pts = x.float().permute(1, 0, 2, 3).reshape(Hkv, N * M, D // dsub, dsub).transpose(1, 2)  # [Hkv, nsub, P, dsub]
+    g = torch.Generator().manual_seed(seed)
+    cent = pts[:, :, torch.randperm(N * M, generator=g)[:256]].clone()
+    for _ in range(iters):
+        assign = torch.cdist(pts, cent).argmin(-1)
+        sums = torch.zeros_like(cent).scatter_add_(2, assign[..., None].expand_as(pts), pts)
+        counts = torch.zeros(cent.shape[:3]).scatter_add_(2, assign, torch.ones_like(assign, dtype=torch.float32))
+        cent = torch.where(counts[..., None] > 0, sums / counts.clamp(min=1)[..., None], cent)
+    return cent.contiguous()
+
+
+@functools.lru_cache(maxsize=1)
+def make_bank(shape: Shape = Shape(), seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(bank bf16 [N, Hkv, M, D], pq codebook trained on its first 512 memories, ids [ids])."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((shape.N, shape.Hkv, shape.M, shape.D), generator=g, dtype=torch.bfloat16)
+    ids = torch.randperm(shape.N, generator=g)[: shape.ids].to(torch.int32)
+    return x, pq_codebook(x[:512]), ids
+
+
+@functools.lru_cache(maxsize=3)
+def make_codes(codec: str, shape: Shape = Shape()) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole bank encoded with the kernel: (codes, meta)."""
+    x, cb, _ = make_bank(shape)
+    return quantize_memory(x, codec, cb if codec == "pq" else None)
+
+
+# Each args helper runs the kernel and the reference once before handing the arguments to
+# a timer: glibc serves a buffer from fresh mmap'd pages (a page fault per 4 KB) until a
+# larger buffer has been freed, so whichever path ran first would pay the allocator's warm-up.
+
+
+@functools.lru_cache(maxsize=3)
+def quantize_args(codec: str, shape: Shape = Shape()) -> tuple:
+    x, cb, _ = make_bank(shape)
+    args = (x[: shape.encode], codec, cb if codec == "pq" else None)
+    quantize_memory(*args), quantize_memory_ref(*args)
+    return args
+
+
+@functools.lru_cache(maxsize=3)
+def dequantize_args(codec: str, shape: Shape = Shape()) -> tuple:
+    codes, meta = make_codes(codec, shape)
+    args = (codes, meta, codec, make_bank(shape)[2], torch.bfloat16)
+    dequantize_memory(*args), dequantize_memory_ref(*args)
+    return args
+
+
+def bytes_per_vector(codec: str, D: int, dsub: int = PQ_DSUB) -> int:
+    """Stored bytes per (memory, head, token) vector: codes plus per-vector meta. pq's
+    codebook (Hkv * D * 256 floats per layer) is shared by the whole bank and not counted."""
+    return {"int8": D + 4, "int4": D // 2 + 8 * -(-D // 32), "pq": D // dsub}[codec]
+
+
+def median_time(fn, repeats: int = 50, warmup: int = 2, budget_s: float = 5.0) -> float:
+    """Median wall time of fn() in seconds over up to `repeats` runs (at least 3) within budget_s."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeats and (len(times) < 3 or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def measure(codec: str = "int8", shape: Shape = Shape(), repeats: int = 50) -> dict:
+    """Median seconds of both ops and their references, bytes moved and GB/s of the
+    gather-dequantize, bytes per vector and relative L2 reconstruction error of the codec."""
+    q_args, d_args = quantize_args(codec, shape), dequantize_args(codec, shape)
+    x = q_args[0]
+    codes, meta = quantize_memory(*q_args)
+    x_hat = dequantize_memory(codes, meta, codec, None, torch.float32)
+    rel_l2 = ((x_hat - x.float()).norm() / x.float().norm()).item()
+
+    quantize_s = median_time(lambda: quantize_memory(*q_args), repeats)
+    quantize_ref_s = median_time(lambda: quantize_memory_ref(*q_args), repeats)
+    dequantize_s = median_time(lambda: dequantize_memory(*d_args), repeats)
+    dequantize_ref_s = median_time(lambda: dequantize_memory_ref(*d_args), repeats)
+    vectors = shape.ids * shape.Hkv * shape.M
+    # Read codes + meta of the rows (pq: + the codebook), write bf16.
+    nbytes = vectors * (bytes_per_vector(codec, shape.D) + 2 * shape.D)
+    if codec == "pq":
+        nbytes += meta.numel() * meta.element_size()
+    return {
+        "codec": codec,
+        **asdict(shape),
+        "threads": torch.get_num_threads(),
+        "bytes_per_vector": bytes_per_vector(codec, shape.D),
+        "compression_vs_bf16": 2 * shape.D / bytes_per_vector(codec, shape.D),
+        "rel_l2": rel_l2,
+        "quantize_s": quantize_s,
+        "quantize_reference_s": quantize_ref_s,
+        "quantize_speedup": quantize_ref_s / quantize_s,
+        "quantize_vectors_per_s": shape.encode * shape.Hkv * shape.M / quantize_s,
+        "dequantize_s": dequantize_s,
+        "dequantize_reference_s": dequantize_ref_s,
+        "dequantize_speedup": dequantize_ref_s / dequantize_s,
+        "dequantize_bytes": nbytes,
+        "dequantize_gbps": nbytes / dequantize_s / 1e9,
+    }
+
+
+# ---------------------------------------------------------------------------- pytest-benchmark
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_quantize_memory_kernel(benchmark, codec):
+    benchmark.group = f"quantize_memory {codec}"
+    with torch.inference_mode():
+        benchmark(quantize_memory, *quantize_args(codec))
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_quantize_memory_reference(benchmark, codec):
+    benchmark.group = f"quantize_memory {codec}"
+    with torch.inference_mode():
+        benchmark(quantize_memory_ref, *quantize_args(codec))
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_dequantize_memory_kernel(benchmark, codec):
+    benchmark.group = f"dequantize_memory {codec}"
+    with torch.inference_mode():
+        benchmark(dequantize_memory, *dequantize_args(codec))
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_dequantize_memory_reference(benchmark, codec):
+    benchmark.group = f"dequantize_memory {codec}"
+    with torch.inference_mode():
+        benchmark(dequantize_memory_ref, *dequantize_args(codec))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=50)
+    cli = parser.parse_args()
+    for codec in CODECS:
+        r = measure(codec, repeats=cli.repeats)
+        print(
+            f"{codec:4s} {r['bytes_per_vector']:3d} B/vector ({r['compression_vs_bf16']:4.1f}x vs bf16), "
+            f"rel L2 {r['rel_l2']:.4f} | quantize {r['encode']} memories: {r['quantize_s'] * 1e3:7.2f} ms "
+            f"(reference {r['quantize_reference_s'] * 1e3:8.2f} ms, {r['quantize_speedup']:5.1f}x) | "
+            f"dequantize {r['ids']} ids: {r['dequantize_s'] * 1e6:7.1f} us, {r['dequantize_gbps']:5.1f} GB/s "
+            f"(reference {r['dequantize_reference_s'] * 1e6:8.1f} us, {r['dequantize_speedup']:5.1f}x)"
+        )
