@@ -340,11 +340,23 @@ class MemoryAttentionCpu {
   M3_ALWAYS_INLINE void pack_context_keys(int b, int kvh, int j0, int n, bool transposed_v) {
     const T* k = static_cast<const T*>(p_.k) + b * p_.k_stride_b + kvh * p_.k_stride_h;
     const T* v = static_cast<const T*>(p_.v) + b * p_.v_stride_b + kvh * p_.v_stride_h;
+    // Rows of one head are Hkv * D elements apart, too far for the hardware prefetcher to
+    // follow: fetch the next block's rows while this one is packed.
+    const int next = j0 + kKeyBlock;
     for (int jj = 0; jj < n; ++jj) {
+      if (next + jj < p_.S) {
+        prefetch_row(k + (next + jj) * p_.k_stride_s);
+        prefetch_row(v + (next + jj) * p_.v_stride_s);
+      }
       pack_col(kt_.data() + jj, k + (j0 + jj) * p_.k_stride_s, Acc(1));
       pack_value(jj, v + (j0 + jj) * p_.v_stride_s, Acc(1), transposed_v);
     }
     zero_key_padding(n, transposed_v);
+  }
+
+  M3_ALWAYS_INLINE void prefetch_row(const T* row) const {
+    const char* bytes = reinterpret_cast<const char*>(row);
+    for (int off = 0; off < p_.D * int(sizeof(T)); off += 64) __builtin_prefetch(bytes + off);
   }
 
   // The memories of chunk c of sequence b, read by id from the bank (int8 dequantized);
