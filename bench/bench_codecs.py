@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
 from dataclasses import asdict, dataclass
 
 import pytest
 import torch
+from timing import median_time
 
 import memory3  # noqa: F401  (loads memory3._C)
 from memory3.reference import dequantize_memory_ref, quantize_memory_ref
@@ -96,19 +95,6 @@ def bytes_per_vector(codec: str, D: int, dsub: int = PQ_DSUB) -> int:
     """Stored bytes per (memory, head, token) vector: codes plus per-vector meta. pq's
     codebook (Hkv * D * 256 floats per layer) is shared by the whole bank and not counted."""
     return {"int8": D + 4, "int4": D // 2 + 8 * -(-D // 32), "pq": D // dsub}[codec]
-
-
-def median_time(fn, repeats: int = 50, warmup: int = 2, budget_s: float = 5.0) -> float:
-    """Median wall time of fn() in seconds over up to `repeats` runs (at least 3) within budget_s."""
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < repeats and (len(times) < 3 or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 @torch.inference_mode()

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
 from dataclasses import asdict, dataclass
 
 import pytest
 import torch
+from timing import median_time
 
 import memory3  # noqa: F401  (loads memory3._C)
 from memory3.reference import gather_memory_ref
@@ -68,19 +67,6 @@ def bytes_moved(args: tuple) -> int:
         read += 2 * ids.numel() * ks[0].numel() * ks.element_size()
     out_size = torch.empty((), dtype=out_dtype or mk.dtype).element_size()
     return read + 2 * ids.numel() * row * out_size
-
-
-def median_time(fn, repeats: int = 50, warmup: int = 3, budget_s: float = 5.0) -> float:
-    """Median wall time of fn() in seconds over up to `repeats` runs (at least 3) within budget_s."""
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < repeats and (len(times) < 3 or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def copy_gbps(nbytes: int, repeats: int = 50) -> float:

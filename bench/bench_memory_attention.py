@@ -16,10 +16,10 @@ import json
 import resource
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from timing import median_time
 
 from memory3 import ops
 from memory3.reference import memory_attention_ref
@@ -39,19 +39,6 @@ PRESETS = {
     "paper_heads_decode": AttentionCase(B=4, T=1, S=2048, Hq=40, Hkv=8, D=80, N=1000, M=8, R=5,
                                         chunk_size=64, chunk_start=0, empty_slot_frac=0.0),
 }
-
-
-def median_seconds(fn, min_reps: int = 5, budget_s: float = 2.0) -> float:
-    """Median wall time of fn() after one warm-up call (the CPU ops are synchronous)."""
-    fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_reps or (time.perf_counter() - start < budget_s and len(times) < 200):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
 
 
 def kernel_call(args: dict):
@@ -106,8 +93,8 @@ def measure(preset: str, dtype: str = "float32", with_memory: bool = True) -> di
     """One row of the table: kernel and reference medians, speedup, GFLOP/s, peak growth."""
     case = dataclasses.replace(PRESETS[preset], dtype=DTYPES[dtype])
     args = case.make()
-    kernel_s = median_seconds(lambda: kernel_call(args))
-    reference_s = median_seconds(lambda: reference_call(args), min_reps=3)
+    kernel_s = median_time(lambda: kernel_call(args), budget_s=2.0)
+    reference_s = median_time(lambda: reference_call(args), warmup=1, budget_s=2.0)
     row = {
         "op": "memory_attention",
         "case": f"{preset} {dtype}",

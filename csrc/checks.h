@@ -8,6 +8,8 @@
 
 #include <optional>
 
+#include "memory3/numeric.h"
+
 namespace memory3 {
 
 inline bool is_attention_dtype(at::ScalarType t) {
@@ -52,6 +54,31 @@ inline bool check_bank(const at::Tensor& mem_k, const at::Tensor& mem_v,
                 "mem_k must be float32/float64/bfloat16/float16 or int8, got ", mem_k.scalar_type());
   }
   return int8;
+}
+
+inline FloatType float_type_of(at::ScalarType t, const char* name) {
+  switch (t) {
+    case at::kFloat: return FloatType::f32;
+    case at::kDouble: return FloatType::f64;
+    case at::kBFloat16: return FloatType::bf16;
+    case at::kHalf: return FloatType::f16;
+    default: TORCH_CHECK(false, name, " must be float32/float64/bfloat16/float16, got ", t);
+  }
+}
+
+// Every id in [-1, N); the message names the argument and the first offender.
+template <typename Id>
+inline void check_ids_in_range(const Id* ids, int64_t n, int64_t N, const char* name) {
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(ids[i] >= -1 && ids[i] < N, name, " holds ", int64_t(ids[i]), " at flat index ", i,
+                ", outside [-1, N=", N, ")");
+}
+
+// A bank or codes tensor with its dims after the first contiguous: kernels copy whole
+// memories, and the first dim may have any stride (a layer sliced out of a bigger bank is
+// read in place, with no copy).
+inline at::Tensor rows_contiguous(const at::Tensor& t) {
+  return t.size(0) == 0 || t.select(0, 0).is_contiguous() ? t : t.contiguous();
 }
 
 struct AttentionShape {

@@ -15,23 +15,6 @@
 namespace memory3 {
 namespace {
 
-using cpu::FloatType;
-
-FloatType float_type_of(at::ScalarType t, const char* name) {
-  switch (t) {
-    case at::kFloat: return FloatType::f32;
-    case at::kDouble: return FloatType::f64;
-    case at::kBFloat16: return FloatType::bf16;
-    case at::kHalf: return FloatType::f16;
-    default: TORCH_CHECK(false, name, " must be float32/float64/bfloat16/float16, got ", t);
-  }
-}
-
-// The bank's dims after the first contiguous (the kernel copies whole memories); the first
-// may have any stride, as in one layer sliced out of a bigger bank, so no copy for that.
-at::Tensor rows_contiguous(const at::Tensor& t) {
-  return t.size(0) == 0 || t.select(0, 0).is_contiguous() ? t : t.contiguous();
-}
 
 // ids of any shape, flattened to int64, each in [-1, N).
 at::Tensor flat_ids(const at::Tensor& ids, int64_t N) {
@@ -39,9 +22,7 @@ at::Tensor flat_ids(const at::Tensor& ids, int64_t N) {
               ids.scalar_type());
   TORCH_CHECK(ids.device().is_cpu(), "gather_memory (CPU kernel): ids must be on the CPU, got ", ids.device());
   at::Tensor flat = ids.reshape({-1}).to(at::kLong).contiguous();
-  const int64_t* p = flat.data_ptr<int64_t>();
-  for (int64_t i = 0; i < flat.numel(); ++i)
-    TORCH_CHECK(p[i] >= -1 && p[i] < N, "ids holds ", p[i], " at flat index ", i, ", outside [-1, N=", N, ")");
+  check_ids_in_range(flat.data_ptr<int64_t>(), flat.numel(), N, "ids");
   return flat;
 }
 
@@ -53,11 +34,11 @@ struct GatherTypes {
 
 // Compiled once per ISA level; the kernel templates are inlined into each clone.
 M3_CPU_MULTIVERSION void gather_range(const GatherParams& p, const GatherTypes& t, int64_t r0, int64_t r1) {
-  cpu::dispatch_float(t.out, [&](auto o) M3_LAMBDA_INLINE {
+  dispatch_float(t.out, [&](auto o) M3_LAMBDA_INLINE {
     using Out = decltype(o);
     using Acc = std::conditional_t<std::is_same_v<Out, double>, double, float>;
     if (t.int8) return cpu::gather_rows<int8_t, Out, Acc>(p, r0, r1);
-    cpu::dispatch_float(t.bank, [&](auto b) M3_LAMBDA_INLINE { cpu::gather_rows<decltype(b), Out, Acc>(p, r0, r1); });
+    dispatch_float(t.bank, [&](auto b) M3_LAMBDA_INLINE { cpu::gather_rows<decltype(b), Out, Acc>(p, r0, r1); });
   });
 }
 

@@ -51,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor> memory_attention_cpu(
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   const int64_t nqb = (s.T + in.block_q - 1) / in.block_q;
-  parallel_pass(run_forward_pass, Pass::forward, {&p, nullptr, elem_of(q.scalar_type()), s.int8_bank, in.block_q, nullptr},
+  parallel_pass(run_forward_pass, Pass::forward, {&p, nullptr, float_type_of(q.scalar_type(), "q"), s.int8_bank, in.block_q, nullptr},
                 nqb * s.B * s.Hkv);
   return {out, lse};
 }

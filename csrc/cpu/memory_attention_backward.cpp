@@ -116,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> memory_at
   g.delta = delta.data_ptr();
   g.mem_grad = mem_grad ? slots.data_ptr() : nullptr;
 
-  const PassArgs args{&p, &g, elem_of(q.scalar_type()), s.int8_bank, in.block_q, nullptr};
+  const PassArgs args{&p, &g, float_type_of(q.scalar_type(), "q"), s.int8_bank, in.block_q, nullptr};
   const int64_t bh = s.B * s.Hkv;
   parallel_pass(run_backward_pass, Pass::dq, args, (s.T + in.block_q - 1) / in.block_q * bh);  // also writes delta
   parallel_pass(run_backward_pass, Pass::dkv, args, (s.S + cpu::kKeyBlock - 1) / cpu::kKeyBlock * bh);

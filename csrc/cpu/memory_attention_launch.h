@@ -15,26 +15,14 @@ namespace memory3::cpu_launch {
 
 using cpu::MemoryAttentionCpu;
 
-enum class Elem { f32, f64, bf16, f16 };
-
-inline Elem elem_of(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return Elem::f32;
-    case at::kDouble: return Elem::f64;
-    case at::kBFloat16: return Elem::bf16;
-    case at::kHalf: return Elem::f16;
-    default: TORCH_CHECK(false, "memory_attention: unsupported dtype ", t);
-  }
-}
-
 // Calls f(T, MT, Acc) with the kernel types for (q dtype, int8 bank?).
 template <typename F>
-M3_ALWAYS_INLINE void dispatch_types(Elem e, bool int8, F&& f) {
+M3_ALWAYS_INLINE void dispatch_types(FloatType e, bool int8, F&& f) {
   switch (e) {
-    case Elem::f32: return int8 ? f(float{}, int8_t{}, float{}) : f(float{}, float{}, float{});
-    case Elem::f64: return int8 ? f(double{}, int8_t{}, double{}) : f(double{}, double{}, double{});
-    case Elem::bf16: return int8 ? f(bf16_t{}, int8_t{}, float{}) : f(bf16_t{}, bf16_t{}, float{});
-    case Elem::f16: return int8 ? f(fp16_t{}, int8_t{}, float{}) : f(fp16_t{}, fp16_t{}, float{});
+    case FloatType::f32: return int8 ? f(float{}, int8_t{}, float{}) : f(float{}, float{}, float{});
+    case FloatType::f64: return int8 ? f(double{}, int8_t{}, double{}) : f(double{}, double{}, double{});
+    case FloatType::bf16: return int8 ? f(bf16_t{}, int8_t{}, float{}) : f(bf16_t{}, bf16_t{}, float{});
+    case FloatType::f16: return int8 ? f(fp16_t{}, int8_t{}, float{}) : f(fp16_t{}, fp16_t{}, float{});
   }
 }
 
@@ -52,7 +40,7 @@ enum class Pass { forward, dq, dkv, dmem };
 struct PassArgs {
   const MemoryAttentionParams* p;
   const MemoryAttentionGradParams* g;
-  Elem elem;
+  FloatType elem;
   bool int8;
   int block_q;
   WorkQueue* queue;
@@ -83,10 +71,7 @@ inline void check_data(const AttentionShape& s, const at::Tensor& mem_ids, const
                   " tokens, chunk_start ", chunk_start, ", chunk_size ", chunk_size, ") needs ", need);
     }
   }
-  const int32_t* ids = mem_ids.data_ptr<int32_t>();
-  for (int64_t i = 0; i < mem_ids.numel(); ++i)
-    TORCH_CHECK(ids[i] >= -1 && ids[i] < s.N, "mem_ids holds ", ids[i], " at flat index ", i,
-                ", outside [-1, N=", s.N, ")");
+  check_ids_in_range(mem_ids.data_ptr<int32_t>(), mem_ids.numel(), s.N, "mem_ids");
 }
 
 inline at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }

@@ -10,12 +10,11 @@
 #include <tuple>
 #include <vector>
 
+#include "checks.h"
 #include "memory3/quant.h"
 
 namespace memory3 {
 namespace {
-
-using cpu::FloatType;
 
 Codec parse_codec(std::string_view codec) {
   if (codec == "int8") return Codec::int8;
@@ -24,24 +23,8 @@ Codec parse_codec(std::string_view codec) {
   TORCH_CHECK(false, "codec must be one of int8, int4, pq; got '", codec, "'");
 }
 
-FloatType float_type_of(at::ScalarType t, const char* name) {
-  switch (t) {
-    case at::kFloat: return FloatType::f32;
-    case at::kDouble: return FloatType::f64;
-    case at::kBFloat16: return FloatType::bf16;
-    case at::kHalf: return FloatType::f16;
-    default: TORCH_CHECK(false, name, " must be float32/float64/bfloat16/float16, got ", t);
-  }
-}
-
 void check_cpu(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), op, " (CPU kernel): ", name, " must be on the CPU, got ", t.device());
-}
-
-// Dims after the first contiguous; the first may have any stride (a bank sliced out of a
-// bigger tensor is read in place).
-at::Tensor rows_contiguous(const at::Tensor& t) {
-  return t.size(0) == 0 || t.select(0, 0).is_contiguous() ? t : t.contiguous();
 }
 
 // A pq codebook for x [N, Hkv, M, D]: float32 [Hkv, D / d_sub, 256, d_sub]. Returns d_sub.
@@ -59,7 +42,7 @@ int64_t check_codebook(const at::Tensor& cb, int64_t Hkv, int64_t D, const char*
 // Compiled once per ISA level; the kernel templates are inlined into each clone.
 M3_CPU_MULTIVERSION void quantize_range(Codec codec, FloatType x_type, const QuantizeParams& p, int64_t i0,
                                         int64_t i1) {
-  cpu::dispatch_float(x_type, [&](auto t) M3_LAMBDA_INLINE { cpu::quantize_range<decltype(t)>(codec, p, i0, i1); });
+  dispatch_float(x_type, [&](auto t) M3_LAMBDA_INLINE { cpu::quantize_range<decltype(t)>(codec, p, i0, i1); });
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_memory_cpu(const at::Tensor& x, std::string_view codec_name,
@@ -114,8 +97,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_memory_cpu(const at::Tensor& x, std:
 
 M3_CPU_MULTIVERSION void dequantize_range(Codec codec, FloatType out_type, const DequantizeParams& p, int64_t r0,
                                           int64_t r1) {
-  cpu::dispatch_float(out_type,
-                      [&](auto o) M3_LAMBDA_INLINE { cpu::dequantize_rows<decltype(o)>(codec, p, r0, r1); });
+  dispatch_float(out_type, [&](auto o) M3_LAMBDA_INLINE { cpu::dequantize_rows<decltype(o)>(codec, p, r0, r1); });
 }
 
 // Checks codes and meta against the codec; returns D and sets dsub (pq).
@@ -166,9 +148,7 @@ at::Tensor dequantize_memory_cpu(const at::Tensor& codes, const at::Tensor& meta
                 ids->scalar_type());
     check_cpu(*ids, "dequantize_memory", "ids");
     flat = ids->reshape({-1}).to(at::kLong).contiguous();
-    const int64_t* id = flat.data_ptr<int64_t>();
-    for (int64_t i = 0; i < flat.numel(); ++i)
-      TORCH_CHECK(id[i] >= -1 && id[i] < N, "ids holds ", id[i], " at flat index ", i, ", outside [-1, N=", N, ")");
+    check_ids_in_range(flat.data_ptr<int64_t>(), flat.numel(), N, "ids");
     out_shape = ids->sizes().vec();
   }
   out_shape.insert(out_shape.end(), {Hkv, M, D});

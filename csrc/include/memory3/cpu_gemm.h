@@ -7,22 +7,6 @@
 
 #include "memory3/numeric.h"
 
-#if defined(__GNUC__)
-#define M3_ALWAYS_INLINE inline __attribute__((always_inline))
-#define M3_LAMBDA_INLINE __attribute__((always_inline))
-#else
-#define M3_ALWAYS_INLINE inline
-#define M3_LAMBDA_INLINE
-#endif
-
-// Hot entry points are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at load
-// time (GCC function multiversioning); the templates they inline follow the clone's ISA.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define M3_CPU_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define M3_CPU_MULTIVERSION
-#endif
-
 namespace memory3::cpu {
 
 // One 64-byte vector of Acc (16 floats / 8 doubles) as a GCC/Clang vector extension: the
@@ -31,6 +15,10 @@ namespace memory3::cpu {
 template <typename Acc> struct Vec64 {
   typedef Acc type __attribute__((vector_size(64), aligned(alignof(Acc))));
 };
+
+// 16 lanes of float / int32: one zmm in the AVX-512 clone, two ymm in the AVX2 one.
+using VecF = Vec64<float>::type;
+typedef int32_t VecI __attribute__((vector_size(64), aligned(4)));
 
 // Tile sizes: rows are taken MR at a time (8, then 4 for the tail), columns one vector at a
 // time; callers pad M to a multiple of 4 and N to a multiple of NR.

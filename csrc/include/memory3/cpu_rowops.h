@@ -11,9 +11,7 @@
 
 namespace memory3::cpu {
 
-using VecF = Vec64<float>::type;
-typedef int32_t VecI __attribute__((vector_size(64), aligned(4)));
-constexpr int kVecF = 16;
+constexpr int kVecF = 16;  // lanes of VecF
 
 M3_ALWAYS_INLINE VecF load_vec(const float* p) { VecF v; std::memcpy(&v, p, sizeof(v)); return v; }
 M3_ALWAYS_INLINE void store_vec(float* p, VecF v) { std::memcpy(p, &v, sizeof(v)); }

@@ -8,6 +8,22 @@
 #include <cstring>
 #include <type_traits>
 
+#if defined(__GNUC__)
+#define M3_ALWAYS_INLINE inline __attribute__((always_inline))
+#define M3_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define M3_ALWAYS_INLINE inline
+#define M3_LAMBDA_INLINE
+#endif
+
+// Hot entry points are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at load
+// time (GCC function multiversioning); the templates they inline follow the clone's ISA.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define M3_CPU_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define M3_CPU_MULTIVERSION
+#endif
+
 namespace memory3 {
 
 struct bf16_t { uint16_t bits; };
@@ -63,6 +79,20 @@ template <typename T, typename Acc> inline T store_as(Acc x) {
   if constexpr (std::is_same_v<T, bf16_t>) return to_bf16(float(x));
   else if constexpr (std::is_same_v<T, fp16_t>) return to_fp16(float(x));
   else return T(x);
+}
+
+// The float element types every kernel takes, and a dispatch to their storage types.
+enum class FloatType { f32, f64, bf16, f16 };
+
+// Calls f(T{}) with the storage type of t.
+template <typename F>
+M3_ALWAYS_INLINE void dispatch_float(FloatType t, F&& f) {
+  switch (t) {
+    case FloatType::f32: return f(float{});
+    case FloatType::f64: return f(double{});
+    case FloatType::bf16: return f(bf16_t{});
+    case FloatType::f16: return f(fp16_t{});
+  }
 }
 
 inline constexpr int round_up(int x, int m) { return (x + m - 1) / m * m; }

@@ -49,25 +49,6 @@ struct DequantizeParams {
 
 namespace cpu {
 
-enum class FloatType { f32, f64, bf16, f16 };
-
-// Calls f(T{}) with the element type of t.
-template <typename F>
-M3_ALWAYS_INLINE void dispatch_float(FloatType t, F&& f) {
-  switch (t) {
-    case FloatType::f32: return f(float{});
-    case FloatType::f64: return f(double{});
-    case FloatType::bf16: return f(bf16_t{});
-    case FloatType::f16: return f(fp16_t{});
-  }
-}
-
-// 16 lanes of float / int32 as GCC vector extensions: one zmm register in the AVX-512
-// clone, two ymm in the AVX2 one. aligned(4) makes loads and stores through them
-// unaligned-safe.
-typedef float F32x16 __attribute__((vector_size(64), aligned(4)));
-typedef int32_t I32x16 __attribute__((vector_size(64), aligned(4)));
-
 // The row of an id of -1.
 template <typename Out>
 M3_ALWAYS_INLINE void zero_row(Out* out, int64_t n) {
@@ -80,11 +61,11 @@ M3_ALWAYS_INLINE void min_max(const float* __restrict v, int n, float& lo, float
   lo = hi = v[0];
   int d = 0;
   if (n >= 16) {
-    F32x16 lo_l, hi_l;
+    VecF lo_l, hi_l;
     std::memcpy(&lo_l, v, sizeof(lo_l));
     hi_l = lo_l;
     for (d = 16; d + 16 <= n; d += 16) {
-      F32x16 x;
+      VecF x;
       std::memcpy(&x, v + d, sizeof(x));
       lo_l = x < lo_l ? x : lo_l;
       hi_l = x > hi_l ? x : hi_l;
@@ -162,7 +143,7 @@ M3_ALWAYS_INLINE void dequantize_int4_vector(Out* __restrict out, const uint8_t*
 // ---------------------------------------------------------------- pq
 
 // Quantization works on tiles of 16 vectors of one head, one vector per lane of an
-// F32x16. For each centroid, in increasing order, every lane computes its squared
+// VecF. For each centroid, in increasing order, every lane computes its squared
 // distance and keeps the centroid only when strictly closer, so each lane ends on the
 // first nearest centroid (torch.argmin's tie rule) without any step across lanes.
 constexpr int kPqLanes = 16;
@@ -171,19 +152,19 @@ constexpr int kPqLanes = 16;
 // by coordinate, cb is the sub-space's codebook [256, dsub].
 M3_ALWAYS_INLINE void pq_nearest(int32_t* __restrict codes, const float* __restrict xs,
                                  const float* __restrict cb, int dsub) {
-  F32x16 best = F32x16{} + std::numeric_limits<float>::infinity();
-  I32x16 best_k = {};
+  VecF best = VecF{} + std::numeric_limits<float>::infinity();
+  VecI best_k = {};
   for (int k = 0; k < kPqCentroids; ++k) {
-    F32x16 dist = {};
+    VecF dist = {};
     for (int d = 0; d < dsub; ++d) {
-      F32x16 xd;
+      VecF xd;
       std::memcpy(&xd, xs + d * kPqLanes, sizeof(xd));
-      const F32x16 e = xd - cb[k * dsub + d];
+      const VecF e = xd - cb[k * dsub + d];
       dist += e * e;
     }
-    const I32x16 closer = dist < best;
+    const VecI closer = dist < best;
     best = closer ? dist : best;
-    best_k = closer ? I32x16{} + k : best_k;
+    best_k = closer ? VecI{} + k : best_k;
   }
   std::memcpy(codes, &best_k, sizeof(best_k));
 }
