@@ -6,7 +6,7 @@ set(MEMORY3_CUDA_GENCODE
     "-gencode=arch=compute_80,code=sm_80"
     "-gencode=arch=compute_90a,code=sm_90a"
     CACHE STRING "nvcc -gencode flags for the memory3 CUDA kernels")
-set(MEMORY3_CUDA_ARCH_LIST "8.0;9.0a" CACHE STRING "Human-readable list, reported by _C")
+set(MEMORY3_CUDA_ARCH_LIST "sm_80,sm_90a" CACHE STRING "Targets as text, reported by memory3._C (no semicolons)")
 
 # CUTLASS/CuTe headers come from the `nvidia-cutlass` wheel (see third_party/README.md);
 # MEMORY3_CUTLASS_DIR overrides with any folder that holds include/cutlass/cutlass.h.
