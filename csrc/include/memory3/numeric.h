@@ -45,12 +45,12 @@ inline float to_float(fp16_t x) {
   return sign ? -mag : mag;
 }
 
-// Round to nearest even, NaN stays NaN.
+// Round to nearest even, NaN stays NaN. Branch-free (a select), so conversion loops vectorize.
 inline bf16_t to_bf16(float f) {
-  uint32_t x = float_bits(f);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return bf16_t{uint16_t((x >> 16) | 0x40u)};
-  x += 0x7fffu + ((x >> 16) & 1u);
-  return bf16_t{uint16_t(x >> 16)};
+  const uint32_t x = float_bits(f);
+  const uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (x >> 16) | 0x40u;
+  return bf16_t{uint16_t((x & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded)};
 }
 
 inline fp16_t to_fp16(float f) {
