@@ -49,6 +49,14 @@ def reference_call(args: dict):
     return memory_attention_ref(**args)
 
 
+def training_step(call, args: dict, grads: dict):
+    """Forward + backward through out, for q, k, v and the bank (the trainer's case)."""
+    out, _ = call(args)
+    torch.autograd.backward(out, grads["dout"])
+    for name in ("q", "k", "v", "mem_k", "mem_v"):
+        args[name].grad = None
+
+
 def flops(case: AttentionCase) -> float:
     """Useful flops: QK and PV over the causal context and each query's chunk memories."""
     context = sum(case.S - case.T + i + 1 for i in range(case.T))
@@ -89,20 +97,27 @@ def _child_peak_rss(path: str, preset: str, dtype: str) -> None:
     print(high_water_rss_mb() - before)
 
 
-def measure(preset: str, dtype: str = "float32", with_memory: bool = True) -> dict:
-    """One row of the table: kernel and reference medians, speedup, GFLOP/s, peak growth."""
+def measure(preset: str, dtype: str = "float32", with_memory: bool = True, backward: bool = False) -> dict:
+    """One row of the table: kernel and reference medians, speedup, GFLOP/s, peak growth.
+    With backward=True the times are of forward + backward (gradients for q, k, v, bank)."""
     case = dataclasses.replace(PRESETS[preset], dtype=DTYPES[dtype])
-    args = case.make()
-    kernel_s = median_time(lambda: kernel_call(args), budget_s=2.0)
-    reference_s = median_time(lambda: reference_call(args), warmup=1, budget_s=2.0)
+    args = case.make(requires_grad=backward)
+    if backward:
+        grads = {"dout": torch.randn(case.B, case.T, case.Hq, case.D).to(case.dtype)}
+        kernel_s = median_time(lambda: training_step(kernel_call, args, grads), budget_s=2.0)
+        reference_s = median_time(lambda: training_step(reference_call, args, grads), warmup=1, budget_s=2.0)
+        with_memory = False
+    else:
+        kernel_s = median_time(lambda: kernel_call(args), budget_s=2.0)
+        reference_s = median_time(lambda: reference_call(args), warmup=1, budget_s=2.0)
     row = {
-        "op": "memory_attention",
+        "op": "memory_attention" + (" fwd+bwd" if backward else ""),
         "case": f"{preset} {dtype}",
         "shape": f"B={case.B} T={case.T} S={case.S} Hq={case.Hq} Hkv={case.Hkv} D={case.D} mem={case.R}x{case.M}",
         "kernel_ms": kernel_s * 1e3,
         "reference_ms": reference_s * 1e3,
         "speedup": reference_s / kernel_s,
-        "kernel_gflops": flops(case) / kernel_s / 1e9,
+        "kernel_gflops": flops(case) * (3.5 if backward else 1.0) / kernel_s / 1e9,  # bwd: 2.5x fwd
         "threads": torch.get_num_threads(),
     }
     if with_memory:
@@ -131,6 +146,7 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), action="append", help="default: all")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--backward", action="store_true", help="time forward + backward (training)")
     parser.add_argument("--json", action="store_true", help="print rows as JSON lines")
     parser.add_argument("--peak-rss", choices=["kernel", "reference"], help=argparse.SUPPRESS)
     a = parser.parse_args()
@@ -138,7 +154,7 @@ def main() -> None:
         _child_peak_rss(a.peak_rss, a.preset[0], a.dtype)
         return
     for preset in a.preset or list(PRESETS):
-        row = measure(preset, a.dtype, with_memory=not a.no_memory)
+        row = measure(preset, a.dtype, with_memory=not a.no_memory, backward=a.backward)
         if a.json:
             print(json.dumps(row))
         else:

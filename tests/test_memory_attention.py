@@ -3,6 +3,8 @@ can be compared, to torch's scaled_dot_product_attention as an independent oracl
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -313,3 +315,31 @@ def test_case_dataclass_is_reproducible():
     assert torch.equal(a["q"], b["q"])
     c = dataclasses.replace(AttentionCase(), D=80).make()
     assert c["q"].shape[-1] == 80
+
+
+_PEAK_SCRIPT = """
+import sys, torch
+from memory3 import ops
+from memory3.testing import AttentionCase
+
+def hwm_mb():
+    with open("/proc/self/status") as f:
+        return next(float(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
+
+T = int(sys.argv[1])
+args = AttentionCase(B=1, T=T, S=T, Hq=4, Hkv=2, D=64, chunk_size=64, chunk_start=0).make()
+ops.memory_attention(**AttentionCase(B=1, T=64, S=64, Hq=4, Hkv=2, D=64, chunk_size=64, chunk_start=0).make())
+before = hwm_mb()
+ops.memory_attention(**args)
+print(hwm_mb() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads VmHWM from /proc")
+def test_peak_memory_does_not_grow_with_t_times_s():
+    """One prefill call in a fresh process: T=S=4096 would need 256 MB for a float32 score
+    matrix of 4 heads; the kernel's peak grows by its output (4 MB) plus small scratch."""
+    growth = float(subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, "4096"], capture_output=True, text=True,
+                                  check=True).stdout.split()[-1])
+    output_mb = 4096 * 4 * 64 * 4 / 2**20
+    assert growth < output_mb + 16, f"peak grew by {growth:.1f} MB for a {output_mb:.0f} MB output"
