@@ -16,7 +16,7 @@ from memory3.reference import memory_attention_ref
 from memory3.testing import AttentionCase
 
 GQA = [(4, 4), (4, 2), (8, 2), (8, 1), (5, 1), (10, 2)]  # (Hq, Hkv): ratios 1, 2, 4, 8, 5, 5
-HEAD_DIMS = [16, 64, 80, 128]
+HEAD_DIMS = [16, 64, 80, 128, 7, 200]  # and odd ones: any head dim
 SHAPES = {  # T, S, kv_lens
     "decode": dict(T=1, S=97),
     "prefill": dict(T=113, S=113),
@@ -343,3 +343,26 @@ def test_peak_memory_does_not_grow_with_t_times_s():
                                   check=True).stdout.split()[-1])
     output_mb = 4096 * 4 * 64 * 4 / 2**20
     assert growth < output_mb + 16, f"peak grew by {growth:.1f} MB for a {output_mb:.0f} MB output"
+
+
+def test_compile_dynamic_decode_compiles_once():
+    """Decode with a growing context under dynamic shapes: argument checks and fake kernels
+    must not specialise on sizes (their messages are built only on failure)."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    bank_k, bank_v = torch.randn(2, 50, 2, 8, 16)
+
+    def step(q, k, v, ids):
+        return ops.memory_attention(q, k, v, bank_k, bank_v, ids, chunk_size=8, chunk_start=2)[0]
+
+    compiled = torch.compile(step, backend=counting_backend, fullgraph=True, dynamic=True)
+    for S in (21, 37, 50):  # chunk tables of 3, 5, 6 rows of 7 slots
+        q, k, v = torch.randn(1, 1, 4, 16), torch.randn(1, S, 2, 16), torch.randn(1, S, 2, 16)
+        ids = torch.randint(-1, 50, (1, (S - 3) // 8 + 1, 7), dtype=torch.int32)
+        torch.testing.assert_close(compiled(q, k, v, ids), step(q, k, v, ids))
+    assert len(graphs) == 1, f"{len(graphs)} graphs for 3 context lengths"

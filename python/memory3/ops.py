@@ -29,14 +29,15 @@ __all__ = [
 # ---------------------------------------------------------------------------- checks
 
 
-def _expect(cond, msg: str) -> None:
-    """Raise ValueError(msg) unless cond; symbolic conditions (torch.compile with dynamic
-    shapes) become runtime asserts instead of specialising the graph."""
+def _expect(cond, msg) -> None:
+    """Raise ValueError(msg()) unless cond. The message is built only on failure: formatting
+    a symbolic size would specialise a graph compiled with dynamic shapes. Symbolic
+    conditions become runtime asserts."""
     if isinstance(cond, bool):
         if not cond:
-            raise ValueError(msg)
+            raise ValueError(msg())
     else:
-        torch._check(cond, lambda: msg)
+        torch._check(cond, msg)
 
 
 def _shape(t: Tensor) -> tuple:
@@ -45,59 +46,59 @@ def _shape(t: Tensor) -> tuple:
 
 def _check_bank(mem_k: Tensor, mem_v: Tensor, mem_k_scale: Tensor | None, mem_v_scale: Tensor | None) -> bool:
     """mem_k/mem_v [N, Hkv, M, D], float, or int8 with float32 scales [N, Hkv, M]. Returns int8?"""
-    _expect(mem_k.dim() == 4, f"mem_k must be [N, Hkv, M, D], got {_shape(mem_k)}")
-    _expect(_shape(mem_v) == _shape(mem_k), f"mem_v must have the shape of mem_k {_shape(mem_k)}, got {_shape(mem_v)}")
-    _expect(mem_v.dtype == mem_k.dtype, f"mem_v must have the dtype of mem_k ({mem_k.dtype}), got {mem_v.dtype}")
-    _expect(mem_v.device == mem_k.device, f"mem_v must be on the device of mem_k ({mem_k.device}), got {mem_v.device}")
+    _expect(mem_k.dim() == 4, lambda: f"mem_k must be [N, Hkv, M, D], got {_shape(mem_k)}")
+    _expect(_shape(mem_v) == _shape(mem_k), lambda: f"mem_v must have the shape of mem_k {_shape(mem_k)}, got {_shape(mem_v)}")
+    _expect(mem_v.dtype == mem_k.dtype, lambda: f"mem_v must have the dtype of mem_k ({mem_k.dtype}), got {mem_v.dtype}")
+    _expect(mem_v.device == mem_k.device, lambda: f"mem_v must be on the device of mem_k ({mem_k.device}), got {mem_v.device}")
     int8 = mem_k.dtype == torch.int8
     if not int8:
-        _expect(mem_k.dtype in FLOAT_DTYPES, f"mem_k must be a float dtype or int8, got {mem_k.dtype}")
+        _expect(mem_k.dtype in FLOAT_DTYPES, lambda: f"mem_k must be a float dtype or int8, got {mem_k.dtype}")
         _expect(
             mem_k_scale is None and mem_v_scale is None,
-            f"mem_k_scale/mem_v_scale are only for an int8 bank, but mem_k is {mem_k.dtype}",
+            lambda: f"mem_k_scale/mem_v_scale are only for an int8 bank, but mem_k is {mem_k.dtype}",
         )
         return False
     for name, s in (("mem_k_scale", mem_k_scale), ("mem_v_scale", mem_v_scale)):
-        _expect(s is not None, f"an int8 bank needs {name} [N, Hkv, M] (float32)")
-        _expect(_shape(s) == _shape(mem_k)[:3], f"{name} must be [N, Hkv, M] = {_shape(mem_k)[:3]}, got {_shape(s)}")
-        _expect(s.dtype == torch.float32, f"{name} must be float32, got {s.dtype}")
-        _expect(s.device == mem_k.device, f"{name} must be on the device of mem_k ({mem_k.device}), got {s.device}")
+        _expect(s is not None, lambda: f"an int8 bank needs {name} [N, Hkv, M] (float32)")
+        _expect(_shape(s) == _shape(mem_k)[:3], lambda: f"{name} must be [N, Hkv, M] = {_shape(mem_k)[:3]}, got {_shape(s)}")
+        _expect(s.dtype == torch.float32, lambda: f"{name} must be float32, got {s.dtype}")
+        _expect(s.device == mem_k.device, lambda: f"{name} must be on the device of mem_k ({mem_k.device}), got {s.device}")
     return True
 
 
 def _check_attention(q, k, v, mem_k, mem_v, mem_ids, kv_lens, chunk_size, chunk_start, mem_k_scale, mem_v_scale):
-    _expect(q.dim() == 4, f"q must be [B, T, Hq, D], got {_shape(q)}")
-    _expect(q.dtype in FLOAT_DTYPES, f"q must be float32/float64/bfloat16/float16, got {q.dtype}")
-    _expect(k.dim() == 4, f"k must be [B, S, Hkv, D], got {_shape(k)}")
-    _expect(_shape(v) == _shape(k), f"v must have the shape of k {_shape(k)}, got {_shape(v)}")
+    _expect(q.dim() == 4, lambda: f"q must be [B, T, Hq, D], got {_shape(q)}")
+    _expect(q.dtype in FLOAT_DTYPES, lambda: f"q must be float32/float64/bfloat16/float16, got {q.dtype}")
+    _expect(k.dim() == 4, lambda: f"k must be [B, S, Hkv, D], got {_shape(k)}")
+    _expect(_shape(v) == _shape(k), lambda: f"v must have the shape of k {_shape(k)}, got {_shape(v)}")
     B, T, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
-    _expect(k.shape[0] == B, f"k must have batch B={B} like q, got {_shape(k)}")
-    _expect(k.shape[3] == D, f"k must have head dim D={D} like q, got {_shape(k)}")
-    _expect(Hkv > 0 and Hq % Hkv == 0, f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
-    _expect(T <= S, f"q has T={T} new tokens but k/v hold only S={S} (k/v must include them)")
+    _expect(k.shape[0] == B, lambda: f"k must have batch B={B} like q, got {_shape(k)}")
+    _expect(k.shape[3] == D, lambda: f"k must have head dim D={D} like q, got {_shape(k)}")
+    _expect(Hkv > 0 and Hq % Hkv == 0, lambda: f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
+    _expect(T <= S, lambda: f"q has T={T} new tokens but k/v hold only S={S} (k/v must include them)")
     for name, t in (("k", k), ("v", v), ("mem_k", mem_k), ("mem_ids", mem_ids)):
-        _expect(t.device == q.device, f"{name} must be on the device of q ({q.device}), got {t.device}")
+        _expect(t.device == q.device, lambda: f"{name} must be on the device of q ({q.device}), got {t.device}")
     for name, t in (("k", k), ("v", v)):
-        _expect(t.dtype == q.dtype, f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+        _expect(t.dtype == q.dtype, lambda: f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
     int8 = _check_bank(mem_k, mem_v, mem_k_scale, mem_v_scale)
     if not int8:
-        _expect(mem_k.dtype == q.dtype, f"mem_k must have the dtype of q ({q.dtype}) or be int8, got {mem_k.dtype}")
-    _expect(mem_k.shape[1] == Hkv, f"mem_k must have Hkv={Hkv} heads like k, got {_shape(mem_k)}")
-    _expect(mem_k.shape[3] == D, f"mem_k must have head dim D={D} like q, got {_shape(mem_k)}")
-    _expect(mem_ids.dim() == 3 and mem_ids.shape[0] == B, f"mem_ids must be [B={B}, C, R], got {_shape(mem_ids)}")
-    _expect(mem_ids.dtype == torch.int32, f"mem_ids must be int32, got {mem_ids.dtype}")
-    _expect(chunk_size > 0, f"chunk_size must be positive, got {chunk_size}")
-    _expect(chunk_start >= 0, f"chunk_start must be >= 0, got {chunk_start}")
+        _expect(mem_k.dtype == q.dtype, lambda: f"mem_k must have the dtype of q ({q.dtype}) or be int8, got {mem_k.dtype}")
+    _expect(mem_k.shape[1] == Hkv, lambda: f"mem_k must have Hkv={Hkv} heads like k, got {_shape(mem_k)}")
+    _expect(mem_k.shape[3] == D, lambda: f"mem_k must have head dim D={D} like q, got {_shape(mem_k)}")
+    _expect(mem_ids.dim() == 3 and mem_ids.shape[0] == B, lambda: f"mem_ids must be [B={B}, C, R], got {_shape(mem_ids)}")
+    _expect(mem_ids.dtype == torch.int32, lambda: f"mem_ids must be int32, got {mem_ids.dtype}")
+    _expect(chunk_size > 0, lambda: f"chunk_size must be positive, got {chunk_size}")
+    _expect(chunk_start >= 0, lambda: f"chunk_start must be >= 0, got {chunk_start}")
     if kv_lens is not None:
-        _expect(kv_lens.dim() == 1 and kv_lens.shape[0] == B, f"kv_lens must be [B={B}], got {_shape(kv_lens)}")
-        _expect(kv_lens.dtype == torch.int32, f"kv_lens must be int32, got {kv_lens.dtype}")
-        _expect(kv_lens.device == q.device, f"kv_lens must be on the device of q ({q.device}), got {kv_lens.device}")
+        _expect(kv_lens.dim() == 1 and kv_lens.shape[0] == B, lambda: f"kv_lens must be [B={B}], got {_shape(kv_lens)}")
+        _expect(kv_lens.dtype == torch.int32, lambda: f"kv_lens must be int32, got {kv_lens.dtype}")
+        _expect(kv_lens.device == q.device, lambda: f"kv_lens must be on the device of q ({q.device}), got {kv_lens.device}")
     elif not isinstance(S, int) or S > chunk_start:
         need = (S - 1 - chunk_start) // chunk_size + 1
         _expect(
             mem_ids.shape[1] >= need,
-            f"mem_ids has {mem_ids.shape[1]} chunks but the context of {S} tokens "
+            lambda: f"mem_ids has {mem_ids.shape[1]} chunks but the context of {S} tokens "
             f"(chunk_start {chunk_start}, chunk_size {chunk_size}) needs {need}",
         )
 
@@ -106,7 +107,7 @@ def _as_int32(t: Tensor | None, name: str) -> Tensor | None:
     """Integer index tensors are accepted as int64 too (converted); other dtypes are errors."""
     if t is None or t.dtype == torch.int32:
         return t
-    _expect(t.dtype in (torch.int64, torch.int16, torch.uint8), f"{name} must be an integer tensor, got {t.dtype}")
+    _expect(t.dtype in (torch.int64, torch.int16, torch.uint8), lambda: f"{name} must be an integer tensor, got {t.dtype}")
     return t.to(torch.int32)
 
 
@@ -214,9 +215,9 @@ def _attention_backward(ctx, dout, dlse):
 def _check_gather(mem_k, mem_v, ids, out_dtype, mem_k_scale, mem_v_scale):
     _check_bank(mem_k, mem_v, mem_k_scale, mem_v_scale)
     _expect(
-        ids.dtype in (torch.int32, torch.int64), f"ids must be int32 or int64, got {ids.dtype}"
+        ids.dtype in (torch.int32, torch.int64), lambda: f"ids must be int32 or int64, got {ids.dtype}"
     )
-    _expect(out_dtype is None or out_dtype in FLOAT_DTYPES, f"out_dtype must be a float dtype, got {out_dtype}")
+    _expect(out_dtype is None or out_dtype in FLOAT_DTYPES, lambda: f"out_dtype must be a float dtype, got {out_dtype}")
 
 
 def _gather_out_dtype(mem_k: Tensor, out_dtype: torch.dtype | None) -> torch.dtype:
@@ -281,23 +282,23 @@ def _gather_backward(ctx, dk, dv):
 
 
 def _check_codec(codec: str) -> None:
-    _expect(codec in CODECS, f"codec must be one of {', '.join(CODECS)}; got {codec!r}")
+    _expect(codec in CODECS, lambda: f"codec must be one of {', '.join(CODECS)}; got {codec!r}")
 
 
 def _check_quantize(x: Tensor, codec: str, codebook: Tensor | None) -> None:
     _check_codec(codec)
-    _expect(x.dim() == 4, f"x must be [N, Hkv, M, D], got {_shape(x)}")
-    _expect(x.dtype in FLOAT_DTYPES, f"x must be a float tensor, got {x.dtype}")
+    _expect(x.dim() == 4, lambda: f"x must be [N, Hkv, M, D], got {_shape(x)}")
+    _expect(x.dtype in FLOAT_DTYPES, lambda: f"x must be a float tensor, got {x.dtype}")
     D = x.shape[3]
     if codec == "int4":
-        _expect(D % 2 == 0, f"int4 packs two values per byte: the head dim D must be even, got {D}")
+        _expect(D % 2 == 0, lambda: f"int4 packs two values per byte: the head dim D must be even, got {D}")
     if codec == "pq":
-        _expect(codebook is not None, "pq needs a codebook [Hkv, D / d_sub, 256, d_sub] (train_pq_codebook)")
-        _expect(codebook.dim() == 4, f"codebook must be [Hkv, D / d_sub, 256, d_sub], got {_shape(codebook)}")
-        _expect(codebook.dtype == torch.float32, f"codebook must be float32, got {codebook.dtype}")
+        _expect(codebook is not None, lambda: "pq needs a codebook [Hkv, D / d_sub, 256, d_sub] (train_pq_codebook)")
+        _expect(codebook.dim() == 4, lambda: f"codebook must be [Hkv, D / d_sub, 256, d_sub], got {_shape(codebook)}")
+        _expect(codebook.dtype == torch.float32, lambda: f"codebook must be float32, got {codebook.dtype}")
         _expect(
             codebook.shape[0] == x.shape[1] and codebook.shape[1] * codebook.shape[3] == D and codebook.shape[2] == 256,
-            f"codebook {_shape(codebook)} does not fit x {_shape(x)}: want [Hkv={x.shape[1]}, D/d_sub, 256, d_sub] "
+            lambda: f"codebook {_shape(codebook)} does not fit x {_shape(x)}: want [Hkv={x.shape[1]}, D/d_sub, 256, d_sub] "
             f"with (D/d_sub) * d_sub = {D}",
         )
 
@@ -341,24 +342,24 @@ def _quantize_fake(x, codec, codebook=None):
 
 def _check_dequantize(codes: Tensor, meta: Tensor, codec: str, ids: Tensor | None, out_dtype) -> None:
     _check_codec(codec)
-    _expect(codes.dim() == 4, f"codes must be [N, Hkv, M, *], got {_shape(codes)}")
+    _expect(codes.dim() == 4, lambda: f"codes must be [N, Hkv, M, *], got {_shape(codes)}")
     want = {"int8": torch.int8, "int4": torch.uint8, "pq": torch.uint8}[codec]
-    _expect(codes.dtype == want, f"{codec} codes must be {want}, got {codes.dtype}")
-    _expect(meta.dtype == torch.float32, f"meta must be float32, got {meta.dtype}")
+    _expect(codes.dtype == want, lambda: f"{codec} codes must be {want}, got {codes.dtype}")
+    _expect(meta.dtype == torch.float32, lambda: f"meta must be float32, got {meta.dtype}")
     if codec == "int8":
-        _expect(_shape(meta) == _shape(codes)[:3], f"int8 meta must be [N, Hkv, M] = {_shape(codes)[:3]}, got {_shape(meta)}")
+        _expect(_shape(meta) == _shape(codes)[:3], lambda: f"int8 meta must be [N, Hkv, M] = {_shape(codes)[:3]}, got {_shape(meta)}")
     elif codec == "int4":
         groups = (2 * codes.shape[3] + 31) // 32
         want_meta = (*_shape(codes)[:3], groups, 2)
-        _expect(_shape(meta) == want_meta, f"int4 meta must be [N, Hkv, M, ceil(D/32), 2] = {want_meta}, got {_shape(meta)}")
+        _expect(_shape(meta) == want_meta, lambda: f"int4 meta must be [N, Hkv, M, ceil(D/32), 2] = {want_meta}, got {_shape(meta)}")
     else:
         _expect(
             meta.dim() == 4 and meta.shape[0] == codes.shape[1] and meta.shape[1] == codes.shape[3] and meta.shape[2] == 256,
-            f"pq meta must be the codebook [Hkv={codes.shape[1]}, {codes.shape[3]}, 256, d_sub], got {_shape(meta)}",
+            lambda: f"pq meta must be the codebook [Hkv={codes.shape[1]}, {codes.shape[3]}, 256, d_sub], got {_shape(meta)}",
         )
     if ids is not None:
-        _expect(ids.dtype in (torch.int32, torch.int64), f"ids must be int32 or int64, got {ids.dtype}")
-    _expect(out_dtype is None or out_dtype in FLOAT_DTYPES, f"out_dtype must be a float dtype, got {out_dtype}")
+        _expect(ids.dtype in (torch.int32, torch.int64), lambda: f"ids must be int32 or int64, got {ids.dtype}")
+    _expect(out_dtype is None or out_dtype in FLOAT_DTYPES, lambda: f"out_dtype must be a float dtype, got {out_dtype}")
 
 
 def dequantize_memory(
