@@ -366,3 +366,22 @@ def test_compile_dynamic_decode_compiles_once():
         ids = torch.randint(-1, 50, (1, (S - 3) // 8 + 1, 7), dtype=torch.int32)
         torch.testing.assert_close(compiled(q, k, v, ids), step(q, k, v, ids))
     assert len(graphs) == 1, f"{len(graphs)} graphs for 3 context lengths"
+
+
+def test_bank_sliced_from_stacked_layers_is_read_in_place():
+    """One layer of a bank stored [N, layers, Hkv, M, D]: rows strided by all layers."""
+    args = AttentionCase(T=9, S=40).make()
+    stacked_k = torch.randn(args["mem_k"].shape[0], 3, *args["mem_k"].shape[1:])
+    stacked_v = torch.randn_like(stacked_k)
+    stacked_k[:, 1], stacked_v[:, 1] = args["mem_k"], args["mem_v"]
+    sliced = dict(args, mem_k=stacked_k[:, 1], mem_v=stacked_v[:, 1])
+    assert not sliced["mem_k"].is_contiguous()
+    torch.testing.assert_close(ops.memory_attention(**sliced)[0], ops.memory_attention(**args)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("B,T,S", [(2, 0, 5), (0, 0, 0), (0, 3, 4)])
+def test_empty_shapes(B, T, S):
+    q, k, v = torch.randn(B, T, 4, 16), torch.randn(B, S, 2, 16), torch.randn(B, S, 2, 16)
+    bank = torch.randn(3, 2, 2, 16)
+    out, lse = ops.memory_attention(q, k, v, bank, bank, torch.zeros(B, 1, 1, dtype=torch.int32), chunk_size=64)
+    assert out.shape == (B, T, 4, 16) and lse.shape == (B, 4, T)
