@@ -385,3 +385,20 @@ def test_empty_shapes(B, T, S):
     bank = torch.randn(3, 2, 2, 16)
     out, lse = ops.memory_attention(q, k, v, bank, bank, torch.zeros(B, 1, 1, dtype=torch.int32), chunk_size=64)
     assert out.shape == (B, T, 4, 16) and lse.shape == (B, 4, T)
+
+
+@pytest.mark.parametrize("name", ["k", "v", "mem_k", "mem_ids"])
+def test_device_mismatch_raises(name):
+    args = AttentionCase(T=4, S=40).make()
+    args[name] = args[name].to("meta")
+    if name == "mem_k":
+        args["mem_v"] = args["mem_v"].to("meta")
+    with pytest.raises(ValueError, match=rf"{name} must be on the device of q \(cpu\), got meta"):
+        ops.memory_attention(**args)
+
+
+def test_meta_tensors_give_shapes_without_running():
+    """The fake kernels serve the meta device too: shape inference without data."""
+    args = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in AttentionCase(T=4, S=40).make().items()}
+    out, lse = ops.memory_attention(**args)
+    assert out.device.type == "meta" and out.shape == (2, 4, 8, 64) and lse.shape == (2, 8, 4)
