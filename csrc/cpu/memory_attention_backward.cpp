@@ -22,21 +22,18 @@ M3_CPU_MULTIVERSION void run_backward_pass(Pass pass, const PassArgs& a) {
     int64_t i;
     switch (pass) {
       case Pass::dq:
-        kernel.lse_in_ = p.lse;
         while (a.queue->pop(i)) {
           const int qb = nqb - 1 - int(i / bh), b = int(i % bh / p.Hkv), kvh = int(i % p.Hkv);
           kernel.backward_dq_item(*a.g, b, kvh, qb * a.block_q);
         }
         break;
       case Pass::dkv:  // heaviest first: the first key blocks are seen by the most queries
-        kernel.lse_in_ = p.lse;
         while (a.queue->pop(i)) {
           const int kb = int(i / bh), b = int(i % bh / p.Hkv), kvh = int(i % p.Hkv);
           kernel.backward_dkv_item(*a.g, b, kvh, kb * cpu::kKeyBlock);
         }
         break;
       case Pass::dmem:
-        kernel.lse_in_ = p.lse;
         while (a.queue->pop(i)) {
           const int c = int(i / bh), b = int(i % bh / p.Hkv), kvh = int(i % p.Hkv);
           kernel.backward_mem_item(*a.g, b, c, kvh);

@@ -37,7 +37,7 @@ struct MemoryAttentionParams {
   const int32_t* mem_ids;    // [B, C, R] contiguous; -1 = empty slot
   const int32_t* kv_lens;    // [B], or null for all S
   void* out;                 // [B, T, Hq, D] contiguous, dtype of q
-  float* lse;                // [B, Hq, T] contiguous
+  float* lse;                // [B, Hq, T] contiguous: written by the forward, read by the backward
   int B, T, S, Hq, Hkv, D, N, M, C, R;
   int chunk_size, chunk_start;
   double scale;
@@ -323,7 +323,7 @@ class MemoryAttentionCpu {
       const int64_t row = (int64_t(b) * p_.T + i0 + ii) * p_.Hq + h;
       const int64_t stat = (int64_t(b) * p_.Hq + h) * p_.T + i0 + ii;
       pack_row(dout_.data() + r * Dp_, dout + row * p_.D, Acc(1));
-      const float lse = lse_in_[stat];
+      const float lse = p_.lse[stat];
       // A query that saw no key has lse = -inf and gets no gradient.
       lse_[r] = std::isinf(lse) && lse < 0 ? std::numeric_limits<Acc>::infinity() : Acc(lse);
       if (compute_delta) {
@@ -418,9 +418,6 @@ class MemoryAttentionCpu {
     lse_.assign(RQ_, Acc(0));
     delta_.assign(RQ_, Acc(0));
   }
-
- public:
-  const float* lse_in_ = nullptr;  // forward lse [B, Hq, T], set by the backward launcher
 
  private:
   const MemoryAttentionParams& p_;
