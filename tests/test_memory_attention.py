@@ -164,7 +164,7 @@ def test_backward_matches_reference(Hq, Hkv, D, shape):
     ref_loss = (ref_out * dout.double()).sum() + (ref_lse.double()[seen] * dlse.double()[seen]).sum()
     ref_grads = torch.autograd.grad(ref_loss, ref_leaves)
     for name, got, want in zip(("q", "k", "v", "mem_k", "mem_v"), grads, ref_grads):
-        torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=5e-5, msg=lambda m: f"d{name}: {m}")
+        torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=5e-5, msg=lambda m, name=name: f"d{name}: {m}")
 
 
 def test_backward_low_precision():

@@ -32,7 +32,8 @@ __all__ = [
 def _expect(cond, msg) -> None:
     """Raise ValueError(msg()) unless cond. The message is built only on failure: formatting
     a symbolic size would specialise a graph compiled with dynamic shapes. Symbolic
-    conditions become runtime asserts."""
+    conditions become runtime asserts (their message may be built later, so lambdas in
+    loops bind their loop variables)."""
     if isinstance(cond, bool):
         if not cond:
             raise ValueError(msg())
@@ -59,10 +60,10 @@ def _check_bank(mem_k: Tensor, mem_v: Tensor, mem_k_scale: Tensor | None, mem_v_
         )
         return False
     for name, s in (("mem_k_scale", mem_k_scale), ("mem_v_scale", mem_v_scale)):
-        _expect(s is not None, lambda: f"an int8 bank needs {name} [N, Hkv, M] (float32)")
-        _expect(_shape(s) == _shape(mem_k)[:3], lambda: f"{name} must be [N, Hkv, M] = {_shape(mem_k)[:3]}, got {_shape(s)}")
-        _expect(s.dtype == torch.float32, lambda: f"{name} must be float32, got {s.dtype}")
-        _expect(s.device == mem_k.device, lambda: f"{name} must be on the device of mem_k ({mem_k.device}), got {s.device}")
+        _expect(s is not None, lambda name=name, s=s: f"an int8 bank needs {name} [N, Hkv, M] (float32)")
+        _expect(_shape(s) == _shape(mem_k)[:3], lambda name=name, s=s: f"{name} must be [N, Hkv, M] = {_shape(mem_k)[:3]}, got {_shape(s)}")
+        _expect(s.dtype == torch.float32, lambda name=name, s=s: f"{name} must be float32, got {s.dtype}")
+        _expect(s.device == mem_k.device, lambda name=name, s=s: f"{name} must be on the device of mem_k ({mem_k.device}), got {s.device}")
     return True
 
 
@@ -78,9 +79,9 @@ def _check_attention(q, k, v, mem_k, mem_v, mem_ids, kv_lens, chunk_size, chunk_
     _expect(Hkv > 0 and Hq % Hkv == 0, lambda: f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
     _expect(T <= S, lambda: f"q has T={T} new tokens but k/v hold only S={S} (k/v must include them)")
     for name, t in (("k", k), ("v", v), ("mem_k", mem_k), ("mem_ids", mem_ids)):
-        _expect(t.device == q.device, lambda: f"{name} must be on the device of q ({q.device}), got {t.device}")
+        _expect(t.device == q.device, lambda name=name, t=t: f"{name} must be on the device of q ({q.device}), got {t.device}")
     for name, t in (("k", k), ("v", v)):
-        _expect(t.dtype == q.dtype, lambda: f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+        _expect(t.dtype == q.dtype, lambda name=name, t=t: f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
     int8 = _check_bank(mem_k, mem_v, mem_k_scale, mem_v_scale)
     if not int8:
         _expect(mem_k.dtype == q.dtype, lambda: f"mem_k must have the dtype of q ({q.dtype}) or be int8, got {mem_k.dtype}")
