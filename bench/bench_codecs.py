@@ -138,32 +138,20 @@ def measure(codec: str = "int8", shape: Shape = Shape(), repeats: int = 50) -> d
 # ---------------------------------------------------------------------------- pytest-benchmark
 
 
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
 @pytest.mark.parametrize("codec", CODECS)
-def test_quantize_memory_kernel(benchmark, codec):
+def test_quantize_memory(benchmark, codec, impl):
     benchmark.group = f"quantize_memory {codec}"
     with torch.inference_mode():
-        benchmark(quantize_memory, *quantize_args(codec))
+        benchmark(quantize_memory if impl == "kernel" else quantize_memory_ref, *quantize_args(codec))
 
 
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
 @pytest.mark.parametrize("codec", CODECS)
-def test_quantize_memory_reference(benchmark, codec):
-    benchmark.group = f"quantize_memory {codec}"
-    with torch.inference_mode():
-        benchmark(quantize_memory_ref, *quantize_args(codec))
-
-
-@pytest.mark.parametrize("codec", CODECS)
-def test_dequantize_memory_kernel(benchmark, codec):
+def test_dequantize_memory(benchmark, codec, impl):
     benchmark.group = f"dequantize_memory {codec}"
     with torch.inference_mode():
-        benchmark(dequantize_memory, *dequantize_args(codec))
-
-
-@pytest.mark.parametrize("codec", CODECS)
-def test_dequantize_memory_reference(benchmark, codec):
-    benchmark.group = f"dequantize_memory {codec}"
-    with torch.inference_mode():
-        benchmark(dequantize_memory_ref, *dequantize_args(codec))
+        benchmark(dequantize_memory if impl == "kernel" else dequantize_memory_ref, *dequantize_args(codec))
 
 
 if __name__ == "__main__":

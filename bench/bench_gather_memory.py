@@ -103,20 +103,13 @@ def measure(bank: str = "bf16", shape: Shape = Shape(), repeats: int = 50) -> di
 # ---------------------------------------------------------------------------- pytest-benchmark
 
 
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
 @pytest.mark.parametrize("bank", BANKS)
-def test_gather_memory_kernel(benchmark, bank):
+def test_gather_memory(benchmark, bank, impl):
     args = make_inputs(bank)
     benchmark.group = f"gather_memory {bank}"
     with torch.inference_mode():
-        benchmark(gather_memory, *args)
-
-
-@pytest.mark.parametrize("bank", BANKS)
-def test_gather_memory_reference(benchmark, bank):
-    args = make_inputs(bank)
-    benchmark.group = f"gather_memory {bank}"
-    with torch.inference_mode():
-        benchmark(gather_memory_ref, *args)
+        benchmark(gather_memory if impl == "kernel" else gather_memory_ref, *args)
 
 
 if __name__ == "__main__":

@@ -129,16 +129,11 @@ def measure(preset: str, dtype: str = "float32", with_memory: bool = True, backw
 
 # ---------------------------------------------------------------------------- pytest-benchmark
 
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
 @pytest.mark.parametrize("preset", ["decode", "prefill"])
-def test_kernel(benchmark, preset):
-    args = PRESETS[preset].make()
-    benchmark(kernel_call, args)
-
-
-@pytest.mark.parametrize("preset", ["decode", "prefill"])
-def test_reference(benchmark, preset):
-    args = PRESETS[preset].make()
-    benchmark(reference_call, args)
+def test_memory_attention(benchmark, preset, impl):
+    benchmark.group = f"memory_attention {preset}"
+    benchmark(kernel_call if impl == "kernel" else reference_call, PRESETS[preset].make())
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -26,7 +26,6 @@ class AttentionCase:
     kv_lens: list[int] | None = None
     int8_bank: bool = False
     empty_slot_frac: float = 0.2
-    extra: dict = field(default_factory=dict)
 
     @property
     def chunks(self) -> int:
