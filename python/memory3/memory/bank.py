@@ -93,9 +93,9 @@ class Bank:
             raise ValueError(f"embedder must be {{'name': str, 'dim': int > 0}} or None, got {embedder!r}")
         if shard_rows <= 0:
             raise ValueError(f"shard_rows must be positive, got {shard_rows}")
-        make_codec(codec, shape, codec_config)  # validates name and options
+        config = make_codec(codec, shape, codec_config).config()  # validates name and options
         now = time.time()
-        m = Manifest(fingerprint, shape, {"name": codec, "config": dict(codec_config or {}), "state": None, "state_sha256": None},
+        m = Manifest(fingerprint, shape, {"name": codec, "config": config, "state": None, "state_sha256": None},
                      shard_rows=shard_rows, embedder=None if embedder is None else {"name": str(embedder["name"]), "dim": int(embedder["dim"])},
                      created_at=now, updated_at=now)
         path.mkdir(parents=True, exist_ok=True)
@@ -233,12 +233,12 @@ class Bank:
         except ValueError as exc:
             raise BankCorruptError(f"codec state {path}: {exc}") from None
 
-    def _save_codec_state(self, manifest: Manifest) -> Manifest:
+    def _save_codec_state(self, manifest: Manifest, codec: Codec | None = None) -> Manifest:
         """Write the codec's state to a new file (fsynced); the returned manifest names it."""
         rel = f"codec/state-{manifest.commit + 1}.safetensors"
         path = self.path / rel
         path.parent.mkdir(exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.codec.state_dict().items()}, path)
+        save_file({k: v.contiguous().cpu() for k, v in (codec or self.codec).state_dict().items()}, path)
         with open(path, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
             os.fsync(f.fileno())
@@ -315,7 +315,8 @@ class Bank:
         if self.codec.needs_training():
             self.codec.train(new)
             manifest = self._save_codec_state(manifest)
-        manifest, crcs = self._write_rows(manifest, new, None if embeddings is None else embeddings[todo])
+        encoded = [self.codec.encode(l, new[:, l, 0], new[:, l, 1]) for l in range(self.shape.layers)]
+        manifest, crcs = self._write_rows(manifest, self.codec, encoded, None if embeddings is None else embeddings[todo])
         first = self.rows
         now = time.time()
         for k, i in enumerate(todo):
@@ -332,22 +333,23 @@ class Bank:
         self._commit(manifest, change)
         return AppendResult(len(todo) - len(replaced), len(replaced), n - len(todo), rows)
 
-    def _write_rows(self, manifest: Manifest, memories: Tensor, embeddings: Tensor | None) -> tuple[Manifest, list]:
-        """Encode and append rows to the shard files (step 1); the manifest that commits them."""
-        encoded = [self.codec.encode(l, memories[:, l, 0], memories[:, l, 1]) for l in range(self.shape.layers)]
+    def _write_rows(self, manifest: Manifest, codec: Codec, encoded: list[dict[str, Tensor]], embeddings: Tensor | None) -> tuple[Manifest, list]:
+        """Append encoded rows (per layer: codec array name -> [n, ...]) to the shard files
+        (step 1); returns the manifest that commits them and the checksum records."""
         shard_list = [dict(s) for s in manifest.shards]
-        next_shard, crcs, done, n = manifest.next_shard, [], 0, len(memories)
+        n = len(next(iter(encoded[0].values())))
+        next_shard, crcs, done = manifest.next_shard, [], 0
         while done < n:
             if not shard_list or shard_list[-1]["rows"] >= manifest.shard_rows:
                 shard_list.append({"name": f"s{next_shard:06d}", "rows": 0})
                 next_shard += 1
             shard = shard_list[-1]
             take = min(n - done, manifest.shard_rows - shard["rows"])
-            pieces = [(l, name, arr[done : done + take]) for l in range(self.shape.layers) for name, arr in encoded[l].items()]
+            pieces = [(l, name, arr[done : done + take]) for l in range(len(encoded)) for name, arr in encoded[l].items()]
             if embeddings is not None:
                 pieces.append((None, shards.EMBEDDINGS, embeddings[done : done + take].float()))
             for layer, name, data in pieces:
-                spec = self._emb_spec() if layer is None else self.codec.arrays()[name]
+                spec = self._emb_spec() if layer is None else codec.arrays()[name]
                 path = shards.shard_path(self.path, layer, shard["name"], name)
                 crc = shards.append_rows(path, shard["rows"], spec, data.cpu().contiguous())
                 start = shard["rows"] * spec.row_bytes
@@ -430,6 +432,23 @@ class Bank:
                 starts.append(starts[-1] + s["rows"])
             self._parts, self._starts = parts, torch.tensor(starts)
         return self._parts
+
+    def stored_rows(self, rows: Tensor) -> list[dict[str, Tensor]]:
+        """The stored (encoded) arrays of rows (int64 [n]), per layer, on the CPU."""
+        parts = self._load_parts()
+        rows = rows.long().cpu()
+        shard_of = torch.searchsorted(self._starts, rows, right=True) - 1
+        out = []
+        for per in parts:
+            layer = {}
+            for name, p in per.items():
+                dst = torch.empty((rows.numel(), *p[0].shape[1:]), dtype=p[0].dtype)
+                for s in shard_of.unique().tolist():
+                    sel = (shard_of == s).nonzero().squeeze(1)
+                    dst[sel] = p[s][(rows[sel] - self._starts[s]).to(p[s].device)].cpu()
+                layer[name] = dst
+            out.append(layer)
+        return out
 
     def layer_bank(self, layer: int) -> dict[str, Tensor | None]:
         """mem_k, mem_v, mem_k_scale, mem_v_scale of one memory layer, to pass to
