@@ -1,16 +1,30 @@
 // Input checks shared by the CPU and CUDA launchers. Every failure is a RuntimeError that
 // names the argument and shows the shape it expected and the one it got. Checks here read
-// shapes, dtypes and devices only; checks that read data (ids in range, kv_lens) live in
-// the launchers that can afford them.
+// shapes, dtypes, devices and scalar arguments only; checks that read data (ids in range,
+// kv_lens) live in the launchers (see memory3/params.h for the CUDA plan).
+//
+// The kernels index with int32 (params.h): every size, id, length and chunk argument must
+// fit, and is checked here against kIndexMax before any narrowing, so a value past int32 is
+// refused instead of wrapping. python/memory3/ops.py repeats these checks as ValueErrors;
+// tests/test_range_checks.py holds the two faces to the same cases.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <utility>
 
 #include "memory3/numeric.h"
 
 namespace memory3 {
+
+constexpr int64_t kIndexMax = (int64_t(1) << 31) - 1;  // the largest int32 index
+
+inline void check_index_range(int64_t x, int64_t lo, const char* name) {
+  TORCH_CHECK(x >= lo && x <= kIndexMax, name, " must be in [", lo, ", 2^31 - 1], got ", x);
+}
+
+inline bool is_index_dtype(at::ScalarType t) { return t == at::kInt || t == at::kLong; }
 
 inline bool is_attention_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
@@ -32,7 +46,7 @@ inline bool check_bank(const at::Tensor& mem_k, const at::Tensor& mem_v,
   TORCH_CHECK(mem_v.scalar_type() == mem_k.scalar_type(), "mem_v must have the dtype of mem_k (",
               mem_k.scalar_type(), "), got ", mem_v.scalar_type());
   TORCH_CHECK(mem_v.device() == mem_k.device(), "mem_v must be on the device of mem_k");
-  TORCH_CHECK(mem_k.size(0) < (int64_t(1) << 31), "mem_k: at most 2^31 - 1 memories, got ", mem_k.size(0));
+  TORCH_CHECK(mem_k.size(0) <= kIndexMax, "mem_k holds ", mem_k.size(0), " memories, more than 2^31 - 1");
   const bool int8 = mem_k.scalar_type() == at::kChar;
   TORCH_CHECK(mem_k_scale.has_value() == int8 && mem_v_scale.has_value() == int8,
               int8 ? "an int8 bank needs mem_k_scale and mem_v_scale [N, Hkv, M]"
@@ -92,6 +106,9 @@ inline AttentionShape check_memory_attention(const at::Tensor& q, const at::Tens
                                              int64_t chunk_size, int64_t chunk_start,
                                              const std::optional<at::Tensor>& mem_k_scale,
                                              const std::optional<at::Tensor>& mem_v_scale) {
+  // Scalars first: later messages compute with them.
+  check_index_range(chunk_size, 1, "chunk_size");
+  check_index_range(chunk_start, 0, "chunk_start");
   TORCH_CHECK(q.dim() == 4, "q must be [B, T, Hq, D], got ", q.sizes());
   TORCH_CHECK(is_attention_dtype(q.scalar_type()), "q must be float32/float64/bfloat16/float16, got ",
               q.scalar_type());
@@ -114,23 +131,25 @@ inline AttentionShape check_memory_attention(const at::Tensor& q, const at::Tens
   check_same_device(q, mem_k, "mem_k");
   TORCH_CHECK(mem_ids.dim() == 3 && mem_ids.size(0) == B, "mem_ids must be [B=", B, ", C, R], got ",
               mem_ids.sizes());
-  TORCH_CHECK(mem_ids.scalar_type() == at::kInt, "mem_ids must be int32, got ", mem_ids.scalar_type());
+  TORCH_CHECK(is_index_dtype(mem_ids.scalar_type()), "mem_ids must be int32 or int64, got ", mem_ids.scalar_type());
   check_same_device(q, mem_ids, "mem_ids");
+  const std::pair<const char*, int64_t> sizes[] = {{"B", B}, {"T", T}, {"S", S}, {"Hq", Hq}, {"D", D},
+                                                   {"M", mem_k.size(2)}, {"C", mem_ids.size(1)},
+                                                   {"R", mem_ids.size(2)}};
+  for (const auto& [name, x] : sizes)
+    TORCH_CHECK(x <= kIndexMax, "memory_attention: ", name, " = ", x, " is more than 2^31 - 1");
   if (kv_lens.has_value()) {
     TORCH_CHECK(kv_lens->dim() == 1 && kv_lens->size(0) == B, "kv_lens must be [B=", B, "], got ",
                 kv_lens->sizes());
-    TORCH_CHECK(kv_lens->scalar_type() == at::kInt, "kv_lens must be int32, got ", kv_lens->scalar_type());
+    TORCH_CHECK(is_index_dtype(kv_lens->scalar_type()), "kv_lens must be int32 or int64, got ",
+                kv_lens->scalar_type());
     check_same_device(q, *kv_lens, "kv_lens");
   } else if (S > chunk_start) {
     // Without kv_lens every sequence fills S: the table must cover the chunk of position S-1.
-    const int64_t need = (S - 1 - chunk_start) / std::max<int64_t>(chunk_size, 1) + 1;
+    const int64_t need = (S - 1 - chunk_start) / chunk_size + 1;
     TORCH_CHECK(mem_ids.size(1) >= need, "mem_ids has ", mem_ids.size(1), " chunks but the context of ", S,
                 " tokens (chunk_start ", chunk_start, ", chunk_size ", chunk_size, ") needs ", need);
   }
-  TORCH_CHECK(chunk_size > 0, "chunk_size must be positive, got ", chunk_size);
-  TORCH_CHECK(chunk_start >= 0, "chunk_start must be >= 0, got ", chunk_start);
-  for (int64_t x : {B, T, S, Hq, D, mem_k.size(0), mem_k.size(2), mem_ids.size(1), mem_ids.size(2)})
-    TORCH_CHECK(x < (int64_t(1) << 31), "memory_attention: every size must be below 2^31");
   return {B, T, S, Hq, Hkv, D, mem_k.size(0), mem_k.size(2), mem_ids.size(1), mem_ids.size(2), int8};
 }
 

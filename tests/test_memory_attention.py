@@ -230,7 +230,7 @@ def _bad(**changes):
         (dict(mem_ids=torch.zeros(2, 5, dtype=torch.int32)), r"mem_ids must be \[B=2, C, R\]"),
         (dict(mem_ids=torch.zeros(2, 3, 5)), r"mem_ids must be an integer tensor"),
         (dict(kv_lens=torch.tensor([4], dtype=torch.int32)), r"kv_lens must be \[B=2\]"),
-        (dict(chunk_size=0), r"chunk_size must be positive"),
+        (dict(chunk_size=0), r"chunk_size must be in \[1, 2\^31 - 1\], got 0"),
         (dict(q=torch.randn(2, 50, 8, 64)), r"k/v hold only S=40"),
     ],
 )

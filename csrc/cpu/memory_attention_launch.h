@@ -57,13 +57,13 @@ inline void parallel_pass(PassWorker worker, Pass pass, PassArgs args, int64_t i
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { worker(pass, args); });
 }
 
-// Data checks the CPU can afford: kv_lens within [0, S], ids within [-1, N), and a chunk
+// Data checks the CPU can afford, on the caller's values (int32 or int64) before they are
+// narrowed to the kernels' int32: kv_lens within [0, S], ids within [-1, N), and a chunk
 // table long enough for every sequence's last query.
-inline void check_data(const AttentionShape& s, const at::Tensor& mem_ids, const std::optional<at::Tensor>& kv_lens,
-                int64_t chunk_size, int64_t chunk_start) {
-  const int32_t* lens = kv_lens ? kv_lens->data_ptr<int32_t>() : nullptr;
+template <typename Len>
+void check_lens(const Len* lens, const AttentionShape& s, int64_t chunk_size, int64_t chunk_start) {
   for (int64_t b = 0; b < s.B; ++b) {
-    const int64_t L = lens ? lens[b] : s.S;
+    const int64_t L = lens ? int64_t(lens[b]) : s.S;
     TORCH_CHECK(L >= 0 && L <= s.S, "kv_lens[", b, "] = ", L, " is outside [0, S=", s.S, "]");
     if (L - 1 >= chunk_start) {
       const int64_t need = (L - 1 - chunk_start) / chunk_size + 1;
@@ -71,7 +71,17 @@ inline void check_data(const AttentionShape& s, const at::Tensor& mem_ids, const
                   " tokens, chunk_start ", chunk_start, ", chunk_size ", chunk_size, ") needs ", need);
     }
   }
-  check_ids_in_range(mem_ids.data_ptr<int32_t>(), mem_ids.numel(), s.N, "mem_ids");
+}
+
+inline void check_data(const AttentionShape& s, const at::Tensor& mem_ids, const std::optional<at::Tensor>& kv_lens,
+                       int64_t chunk_size, int64_t chunk_start) {
+  if (!kv_lens) check_lens<int32_t>(nullptr, s, chunk_size, chunk_start);
+  else if (kv_lens->scalar_type() == at::kLong) check_lens(kv_lens->data_ptr<int64_t>(), s, chunk_size, chunk_start);
+  else check_lens(kv_lens->data_ptr<int32_t>(), s, chunk_size, chunk_start);
+  if (mem_ids.scalar_type() == at::kLong)
+    check_ids_in_range(mem_ids.data_ptr<int64_t>(), mem_ids.numel(), s.N, "mem_ids");
+  else
+    check_ids_in_range(mem_ids.data_ptr<int32_t>(), mem_ids.numel(), s.N, "mem_ids");
 }
 
 inline at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
@@ -121,12 +131,14 @@ inline Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tens
   TORCH_CHECK(q.device().is_cpu(), "memory_attention (CPU kernel): q must be on the CPU, got ", q.device());
   r.q = last_dim_contiguous(q), r.k = last_dim_contiguous(k), r.v = last_dim_contiguous(v);
   r.mem_k = last_dim_contiguous(mem_k), r.mem_v = last_dim_contiguous(mem_v);
-  r.mem_ids = mem_ids.contiguous();
-  if (kv_lens) r.kv_lens = kv_lens->contiguous();
+  const at::Tensor ids = mem_ids.contiguous();
+  const std::optional<at::Tensor> lens = kv_lens ? std::optional<at::Tensor>(kv_lens->contiguous()) : std::nullopt;
+  check_data(r.shape, ids, lens, chunk_size, chunk_start);
+  r.mem_ids = ids.to(at::kInt);  // in range now, so narrowing cannot wrap
+  if (lens) r.kv_lens = lens->to(at::kInt);
   if (mks) r.mks = mks->contiguous(), r.mvs = mvs->contiguous();
   r.scale = scale.value_or(1.0 / std::sqrt(double(r.shape.D)));
   r.block_q = cpu::query_block_size(int(r.shape.T), int(r.shape.Hq / r.shape.Hkv));
-  check_data(r.shape, r.mem_ids, r.kv_lens, chunk_size, chunk_start);
   return r;
 }
 

@@ -15,6 +15,8 @@ from memory3.pq import train_pq_codebook
 
 CODECS = ("int8", "int4", "pq")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+INDEX_MAX = 2**31 - 1  # the kernels index with int32 (csrc/checks.h kIndexMax)
 
 __all__ = [
     "CODECS",
@@ -51,6 +53,7 @@ def _check_bank(mem_k: Tensor, mem_v: Tensor, mem_k_scale: Tensor | None, mem_v_
     _expect(_shape(mem_v) == _shape(mem_k), lambda: f"mem_v must have the shape of mem_k {_shape(mem_k)}, got {_shape(mem_v)}")
     _expect(mem_v.dtype == mem_k.dtype, lambda: f"mem_v must have the dtype of mem_k ({mem_k.dtype}), got {mem_v.dtype}")
     _expect(mem_v.device == mem_k.device, lambda: f"mem_v must be on the device of mem_k ({mem_k.device}), got {mem_v.device}")
+    _expect(mem_k.shape[0] <= INDEX_MAX, lambda: f"mem_k holds {mem_k.shape[0]} memories, more than 2^31 - 1")
     int8 = mem_k.dtype == torch.int8
     if not int8:
         _expect(mem_k.dtype in FLOAT_DTYPES, lambda: f"mem_k must be a float dtype or int8, got {mem_k.dtype}")
@@ -67,7 +70,17 @@ def _check_bank(mem_k: Tensor, mem_v: Tensor, mem_k_scale: Tensor | None, mem_v_
     return True
 
 
+def _check_index_range(x, lo: int, name: str) -> None:
+    """An int argument the kernels hold in int32: in [lo, 2^31 - 1], never wrapped."""
+    _expect(x >= lo, lambda: f"{name} must be in [{lo}, 2^31 - 1], got {x}")
+    _expect(x <= INDEX_MAX, lambda: f"{name} must be in [{lo}, 2^31 - 1], got {x}")
+
+
 def _check_attention(q, k, v, mem_k, mem_v, mem_ids, kv_lens, chunk_size, chunk_start, mem_k_scale, mem_v_scale):
+    # The order follows csrc/checks.h check_memory_attention, so both faces report the same
+    # first error; ids and kv_lens values are checked by the kernels (they read data).
+    _check_index_range(chunk_size, 1, "chunk_size")
+    _check_index_range(chunk_start, 0, "chunk_start")
     _expect(q.dim() == 4, lambda: f"q must be [B, T, Hq, D], got {_shape(q)}")
     _expect(q.dtype in FLOAT_DTYPES, lambda: f"q must be float32/float64/bfloat16/float16, got {q.dtype}")
     _expect(k.dim() == 4, lambda: f"k must be [B, S, Hkv, D], got {_shape(k)}")
@@ -88,12 +101,13 @@ def _check_attention(q, k, v, mem_k, mem_v, mem_ids, kv_lens, chunk_size, chunk_
     _expect(mem_k.shape[1] == Hkv, lambda: f"mem_k must have Hkv={Hkv} heads like k, got {_shape(mem_k)}")
     _expect(mem_k.shape[3] == D, lambda: f"mem_k must have head dim D={D} like q, got {_shape(mem_k)}")
     _expect(mem_ids.dim() == 3 and mem_ids.shape[0] == B, lambda: f"mem_ids must be [B={B}, C, R], got {_shape(mem_ids)}")
-    _expect(mem_ids.dtype == torch.int32, lambda: f"mem_ids must be int32, got {mem_ids.dtype}")
-    _expect(chunk_size > 0, lambda: f"chunk_size must be positive, got {chunk_size}")
-    _expect(chunk_start >= 0, lambda: f"chunk_start must be >= 0, got {chunk_start}")
+    _expect(mem_ids.dtype in INDEX_DTYPES, lambda: f"mem_ids must be int32 or int64, got {mem_ids.dtype}")
+    sizes = {"B": B, "T": T, "S": S, "Hq": Hq, "D": D, "M": mem_k.shape[2], "C": mem_ids.shape[1], "R": mem_ids.shape[2]}
+    for name, n in sizes.items():
+        _expect(n <= INDEX_MAX, lambda name=name, n=n: f"memory_attention: {name} = {n} is more than 2^31 - 1")
     if kv_lens is not None:
         _expect(kv_lens.dim() == 1 and kv_lens.shape[0] == B, lambda: f"kv_lens must be [B={B}], got {_shape(kv_lens)}")
-        _expect(kv_lens.dtype == torch.int32, lambda: f"kv_lens must be int32, got {kv_lens.dtype}")
+        _expect(kv_lens.dtype in INDEX_DTYPES, lambda: f"kv_lens must be int32 or int64, got {kv_lens.dtype}")
         _expect(kv_lens.device == q.device, lambda: f"kv_lens must be on the device of q ({q.device}), got {kv_lens.device}")
     elif not isinstance(S, int) or S > chunk_start:
         need = (S - 1 - chunk_start) // chunk_size + 1
@@ -104,11 +118,12 @@ def _check_attention(q, k, v, mem_k, mem_v, mem_ids, kv_lens, chunk_size, chunk_
         )
 
 
-def _as_int32(t: Tensor | None, name: str) -> Tensor | None:
-    """Integer index tensors are accepted as int64 too (converted); other dtypes are errors."""
-    if t is None or t.dtype == torch.int32:
+def _as_index(t: Tensor | None, name: str) -> Tensor | None:
+    """Index tensors go to the op as int32 or int64 (the op checks their values before it
+    narrows them to int32); narrower integer dtypes are widened, other dtypes are errors."""
+    if t is None or t.dtype in INDEX_DTYPES:
         return t
-    _expect(t.dtype in (torch.int64, torch.int16, torch.uint8), lambda: f"{name} must be an integer tensor, got {t.dtype}")
+    _expect(t.dtype in (torch.int16, torch.int8, torch.uint8), lambda: f"{name} must be an integer tensor, got {t.dtype}")
     return t.to(torch.int32)
 
 
@@ -138,10 +153,12 @@ def memory_attention(
         mem_k, mem_v: [N, Hkv, M, D] one layer's memory bank, dtype of q, or int8 with
             mem_k_scale/mem_v_scale float32 [N, Hkv, M] (dequantized inside the kernel).
             Rows are read by id; the bank may be far larger than what is used.
-        mem_ids: int32 [B, C, R]: the R memories of chunk c of sequence b; -1 = empty slot.
-        kv_lens: int32 [B] valid context length per sequence (default S).
-        chunk_size: tokens per chunk (64 in the paper).
-        chunk_start: length of the reference prefix; queries inside it see no memory.
+        mem_ids: int32/int64 [B, C, R]: the R memories of chunk c of sequence b; -1 = empty
+            slot. Every id must be in [-1, N) (checked by the kernel: RuntimeError).
+        kv_lens: int32/int64 [B] valid context length per sequence, in [0, S] (default S).
+        chunk_size: tokens per chunk (64 in the paper), in [1, 2^31 - 1].
+        chunk_start: length of the reference prefix, in [0, 2^31 - 1]; queries inside it see
+            no memory.
         scale: softmax scale, default D ** -0.5.
 
     Query i of sequence b sits at p = kv_lens[b] - T + i; it attends, in one softmax, to
@@ -153,8 +170,8 @@ def memory_attention(
         softmax denominator (scale included); a query that sees no key gets out 0, lse -inf.
     """
     _extension.require()
-    mem_ids = _as_int32(mem_ids, "mem_ids")
-    kv_lens = _as_int32(kv_lens, "kv_lens")
+    mem_ids = _as_index(mem_ids, "mem_ids")
+    kv_lens = _as_index(kv_lens, "kv_lens")
     _check_attention(q, k, v, mem_k, mem_v, mem_ids, kv_lens, chunk_size, chunk_start, mem_k_scale, mem_v_scale)
     return torch.ops.memory3.memory_attention(
         q, k, v, mem_k, mem_v, mem_ids, kv_lens, chunk_size, chunk_start, scale, mem_k_scale, mem_v_scale
@@ -215,9 +232,7 @@ def _attention_backward(ctx, dout, dlse):
 
 def _check_gather(mem_k, mem_v, ids, out_dtype, mem_k_scale, mem_v_scale):
     _check_bank(mem_k, mem_v, mem_k_scale, mem_v_scale)
-    _expect(
-        ids.dtype in (torch.int32, torch.int64), lambda: f"ids must be int32 or int64, got {ids.dtype}"
-    )
+    _expect(ids.dtype in INDEX_DTYPES, lambda: f"ids must be int32 or int64, got {ids.dtype}")
     _expect(out_dtype is None or out_dtype in FLOAT_DTYPES, lambda: f"out_dtype must be a float dtype, got {out_dtype}")
 
 
@@ -359,7 +374,7 @@ def _check_dequantize(codes: Tensor, meta: Tensor, codec: str, ids: Tensor | Non
             lambda: f"pq meta must be the codebook [Hkv={codes.shape[1]}, {codes.shape[3]}, 256, d_sub], got {_shape(meta)}",
         )
     if ids is not None:
-        _expect(ids.dtype in (torch.int32, torch.int64), lambda: f"ids must be int32 or int64, got {ids.dtype}")
+        _expect(ids.dtype in INDEX_DTYPES, lambda: f"ids must be int32 or int64, got {ids.dtype}")
     _expect(out_dtype is None or out_dtype in FLOAT_DTYPES, lambda: f"out_dtype must be a float dtype, got {out_dtype}")
 
 

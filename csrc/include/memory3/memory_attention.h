@@ -86,6 +86,9 @@ class MemoryAttentionCpu {
   // Position in the context of query i of sequence b (may be < 0 for padded queries).
   int query_base(int b) const { return kv_len(b) - p_.T; }
   int kv_len(int b) const { return p_.kv_lens ? p_.kv_lens[b] : p_.S; }
+  // First position of chunk c, in int64: chunk_start + c * chunk_size may pass int32 even
+  // when each of them fits (the launcher checks each against int32 only).
+  int64_t chunk_begin(int c) const { return p_.chunk_start + int64_t(c) * p_.chunk_size; }
 
   // ---------------------------------------------------------------- forward
   M3_ALWAYS_INLINE void forward_item(int b, int kvh, int i0) {
@@ -168,14 +171,15 @@ class MemoryAttentionCpu {
   M3_ALWAYS_INLINE void backward_mem_item(const MemoryAttentionGradParams& g, int b, int c, int kvh) {
     ensure_backward_tiles();
     const int qbase = query_base(b);
-    const int p_lo = std::max({p_.chunk_start + c * p_.chunk_size, qbase, 0});
-    const int p_hi = std::min(p_.chunk_start + (c + 1) * p_.chunk_size, kv_len(b));
+    const int64_t lo = std::max<int64_t>(chunk_begin(c), std::max(qbase, 0));
+    const int64_t hi = std::min<int64_t>(chunk_begin(c + 1), kv_len(b));
+    if (lo >= hi) return;
+    const int p_lo = int(lo), p_hi = int(hi);  // within [0, kv_len] now
     Acc* slots = static_cast<Acc*>(g.mem_grad);
     const int64_t slot_elems = int64_t(p_.M) * p_.D;
     auto slot_ptr = [&](int r, int kv) {  // [B, C, R, 2, Hkv, M, D]
       return slots + ((((int64_t(b) * p_.C + c) * p_.R + r) * 2 + kv) * p_.Hkv + kvh) * slot_elems;
     };
-    if (p_lo >= p_hi) return;
     const int n = pack_memory_keys(b, c, kvh, /*transposed_v=*/true);
     if (n == 0) return;
     accumulate_key_grads(g, b, kvh, n, p_lo - qbase, p_hi - qbase, /*causal_j0=*/-1);
@@ -194,13 +198,13 @@ class MemoryAttentionCpu {
   // Calls f(row_lo, n, causal_j0) for every block of keys the query block sees, with the block
   // packed in kt_ (transposed) and vn_ or vt_: first the memories of each chunk the block
   // touches (rows from row_lo on are in that chunk or later ones; rows past the chunk are
-  // masked by the caller through the chunk bounds set in chunk_row_hi_), then the context.
+  // masked through row_hi_), then the context.
   template <typename F>
   M3_ALWAYS_INLINE void for_each_key_block(int b, int kvh, int pbase, int nq, bool transposed_v, F&& f) {
     const int p_last = pbase + nq - 1;
     for (int p = std::max({pbase, p_.chunk_start, 0}); p <= p_last;) {
       const int c = (p - p_.chunk_start) / p_.chunk_size;
-      const int p_end = std::min(p_last, p_.chunk_start + (c + 1) * p_.chunk_size - 1);
+      const int p_end = int(std::min<int64_t>(p_last, chunk_begin(c + 1) - 1));
       const int n = pack_memory_keys(b, c, kvh, transposed_v);
       if (n > 0) {
         row_hi_ = (p_end - pbase + 1) * G_;
