@@ -1,6 +1,19 @@
 """The Memory³ model: config, transformer with memory layers, KV cache, weights, tokenizer."""
 from memory3.model.cache import KVCache
 from memory3.model.config import Memory3Config
+from memory3.model.tokenizer import Memory3Tokenizer, train_bpe
 from memory3.model.transformer import Memories, Memory3Model
+from memory3.model.weights import fingerprint, from_pretrained, load_model, save_pretrained
 
-__all__ = ["KVCache", "Memories", "Memory3Config", "Memory3Model"]
+__all__ = [
+    "KVCache",
+    "Memories",
+    "Memory3Config",
+    "Memory3Model",
+    "Memory3Tokenizer",
+    "fingerprint",
+    "from_pretrained",
+    "load_model",
+    "save_pretrained",
+    "train_bpe",
+]

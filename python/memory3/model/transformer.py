@@ -158,6 +158,26 @@ class Memory3Model(nn.Module):
         return KVCache(c.n_layers, max_batch, max_seq, c.n_kv_heads, c.head_dim,
                        dtype=dtype or self.dtype, device=device or self.device)
 
+    # ------------------------------------------------------------------ files (memory3.model.weights)
+
+    def save_pretrained(self, directory, tokenizer=None):
+        """config.json + model.safetensors + tokenizer.json (byte-level when none is given)."""
+        from memory3.model.weights import save_pretrained
+
+        return save_pretrained(self, directory, tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, directory, *, dtype=None, device="cpu") -> "Memory3Model":
+        from memory3.model.weights import from_pretrained
+
+        return from_pretrained(directory, dtype=dtype, device=device)
+
+    def fingerprint(self) -> str:
+        """Hex digest of the config and the weights memories depend on (banks record it)."""
+        from memory3.model.weights import fingerprint
+
+        return fingerprint(self)
+
     # ------------------------------------------------------------------ forward
 
     def forward(
