@@ -12,6 +12,7 @@ point of a bank change (see bank.py). Only plain SQL values are stored: nothing 
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +32,11 @@ CREATE UNIQUE INDEX IF NOT EXISTS refs_live_id ON refs(id) WHERE deleted = 0;
 CREATE TABLE IF NOT EXISTS state(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS checksums(file TEXT NOT NULL, start INTEGER NOT NULL, stop INTEGER NOT NULL, crc INTEGER NOT NULL);
 """
+
+
+def _hot_journal(path: Path) -> bool:
+    journal = path.with_name(path.name + "-journal")
+    return journal.exists() and journal.stat().st_size > 0
 
 
 def text_hash(text: str) -> str:
@@ -61,16 +67,19 @@ class Reference:
 
 class MetaStore:
     def __init__(self, path: Path, writable: bool, create: bool = False):
+        # check_same_thread=False: generation reads metadata from a prefetch thread (one user
+        # at a time; sqlite3 is built serialized, threadsafety 3).
         self.path = path
         if not create and not path.exists():
             raise BankCorruptError(f"{path} is missing: the bank's metadata is gone")
         try:
             if writable:
-                self.db = sqlite3.connect(path, isolation_level=None)
+                self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
                 self.db.execute("PRAGMA synchronous = FULL")
                 self.db.executescript(_SCHEMA)
             else:
-                self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+                self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                                          check_same_thread=False)
             self.db.execute("SELECT count(*) FROM refs").fetchone()
         except sqlite3.DatabaseError as exc:
             raise BankCorruptError(f"{path} is not a readable bank metadata database ({exc})") from None
