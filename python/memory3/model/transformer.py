@@ -228,7 +228,7 @@ class Memory3Model(nn.Module):
                 lens = kv_lens
             slot = self.memory_slot.get(i) if memories is not None else None
             if slot is None:
-                out = _causal_attention(q, k, v, lens)
+                out = causal_attention(q, k, v, lens)
             else:
                 out, _ = ops.memory_attention(
                     q, k, v, memories.k[slot], memories.v[slot], memories.ids, lens,
@@ -307,7 +307,7 @@ class Memory3Model(nn.Module):
         return B, T
 
 
-def _causal_attention(q: Tensor, k: Tensor, v: Tensor, kv_lens: Tensor | None) -> Tensor:
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, kv_lens: Tensor | None) -> Tensor:
     """Causal attention without memory: the op with an empty bank (chunk_start = S, so no
     query reaches the memory grid). Its kernel handles ragged kv_lens and a partly filled
     cache without building a mask."""
