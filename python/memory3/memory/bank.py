@@ -29,6 +29,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -98,12 +99,18 @@ class Bank:
         m = Manifest(fingerprint, shape, {"name": codec, "config": config, "state": None, "state_sha256": None},
                      shard_rows=shard_rows, embedder=None if embedder is None else {"name": str(embedder["name"]), "dim": int(embedder["dim"])},
                      created_at=now, updated_at=now)
-        path.mkdir(parents=True, exist_ok=True)
-        meta = MetaStore(path / META, writable=True, create=True)
+        # built beside `path` and renamed into place: a crash leaves no half-made bank
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.creating-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        meta = MetaStore(tmp / META, writable=True, create=True)
         with meta.transaction() as db:
             MetaStore.save_manifest(db, m.to_json())
         meta.close()
-        write_manifest(path, m)
+        write_manifest(tmp, m)
+        os.replace(tmp, path)  # also replaces an empty directory
+        fsync_dir(path.parent)
         return cls.open(path, writable=True, **open_kwargs)
 
     @classmethod

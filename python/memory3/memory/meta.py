@@ -77,6 +77,12 @@ class MetaStore:
                 self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
                 self.db.execute("PRAGMA synchronous = FULL")
                 self.db.executescript(_SCHEMA)
+            elif _hot_journal(path) and os.access(path, os.W_OK):
+                # a writer died mid-transaction: SQLite rolls its journal back on the first
+                # read, which needs write access; then query_only keeps this reader from writing
+                self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                self.db.execute("SELECT count(*) FROM refs").fetchone()
+                self.db.execute("PRAGMA query_only = ON")
             else:
                 self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
                                           check_same_thread=False)
