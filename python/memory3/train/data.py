@@ -57,17 +57,24 @@ def read_documents(path: str | Path) -> Iterator[str]:
         yield "\n".join(paragraph)
 
 
-def tokenizer_sha256(tokenizer: Tokenizer) -> str:
-    return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
+def _raw(tokenizer) -> Tokenizer:
+    """The `tokenizers.Tokenizer` of a `Memory3Tokenizer` (or the tokenizer itself)."""
+    return getattr(tokenizer, "tokenizer", tokenizer)
 
 
-def write_token_shards(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str | Path, *,
+def tokenizer_sha256(tokenizer) -> str:
+    return hashlib.sha256(_raw(tokenizer).to_str().encode()).hexdigest()
+
+
+def write_token_shards(documents: Iterable[str], tokenizer, out_dir: str | Path, *,
                        eos_id: int, shard_tokens: int = 1 << 24, batch_size: int = 1024,
                        progress: bool = True) -> "TokenShards":
-    """Tokenize ``documents`` (each followed by ``eos_id``) into shards of at most
+    """Tokenize ``documents`` with a `tokenizers.Tokenizer` or `Memory3Tokenizer` (each
+    document followed by ``eos_id``) into shards of at most
     ``shard_tokens`` tokens under ``out_dir``; the manifest is written last, atomically."""
     if shard_tokens <= 0:
         raise ValueError(f"shard_tokens must be > 0, got {shard_tokens}")
+    tokenizer = _raw(tokenizer)
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     if not 0 <= eos_id < vocab:
         raise ValueError(f"eos_id must be a token id in [0, {vocab}), got {eos_id}")
@@ -138,7 +145,7 @@ class TokenShards:
     def __len__(self) -> int:
         return int(self._starts[-1])
 
-    def check_tokenizer(self, tokenizer: Tokenizer) -> None:
+    def check_tokenizer(self, tokenizer) -> None:
         if tokenizer_sha256(tokenizer) != self.manifest["tokenizer_sha256"]:
             raise ValueError(f"{self.folder} was tokenized with another tokenizer "
                              f"(sha256 {self.manifest['tokenizer_sha256'][:12]}...)")
@@ -224,7 +231,7 @@ class WindowSampler:
         return torch.from_numpy(np.stack([self.shards.window(int(s), self.seq_len + 1) for s in mine]))
 
 
-def corpus_to_shards(paths: Sequence[str | Path], tokenizer: Tokenizer, out_dir: str | Path, *,
+def corpus_to_shards(paths: Sequence[str | Path], tokenizer, out_dir: str | Path, *,
                      eos_id: int, shard_tokens: int = 1 << 24, progress: bool = True) -> TokenShards:
     """Every document of the given jsonl / plain-text files, tokenized into ``out_dir``."""
     def documents() -> Iterator[str]:

@@ -1,0 +1,189 @@
+"""The training loop (nanoGPT order): schedule, micro-steps with accumulation, backward,
+clip, step, log, checkpoint. One loop for every recipe; the `Task` decides what a batch is.
+
+    trainer = Trainer(model, make_task, TrainConfig.recipe_defaults("single-stage", steps=500), "runs/a")
+    summary = trainer.fit()          # resumes from runs/a/step_* when present
+
+Loss: cross-entropy summed over the target tokens of every micro-batch of every rank,
+divided by their global count, so a DDP run of W ranks with batch B each computes the same
+loss and gradient as one process with batch W*B. Memories are encoded by the model being
+trained, inside the forward pass, so gradients reach the encoding too.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from memory3.memory.encoder import encode_references
+from memory3.model import Memories, Memory3Model
+from memory3.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from memory3.train.config import TrainConfig
+from memory3.train.distributed import DistInfo, all_reduce_sum, barrier
+from memory3.train.schedule import lr_at
+from memory3.train.tasks import IGNORE, Batch, Task
+
+TaskFactory = Callable[[int, int, int], Task]
+"""(rank, world_size, micro_batch) -> the task that makes this rank's batches."""
+
+
+class LossModel(nn.Module):
+    """Summed next-token cross-entropy of a batch; what DDP wraps (encoding included)."""
+
+    def __init__(self, model: Memory3Model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, targets, refs=None, ref_lens=None, mem_ids=None) -> torch.Tensor:
+        memories = None
+        if refs is not None:
+            memories = Memories.from_stacked(encode_references(self.model, refs, ref_lens), mem_ids)
+        logits = self.model(tokens, memories)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (embeddings included), none on norm weights."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=fused or None)
+
+
+class Trainer:
+    def __init__(self, model: Memory3Model, make_task: TaskFactory, config: TrainConfig, out_dir: str | Path, *,
+                 dist: DistInfo = DistInfo(), resume: bool = True, progress: bool = True,
+                 on_checkpoint: Callable[[int], dict] | None = None) -> None:
+        self.config, self.dist, self.out_dir = config, dist, Path(out_dir)
+        self.model = model.to(dist.device)
+        self.micro_batch, self.accum = config.layout(dist.world_size)
+        self.task = make_task(dist.rank, dist.world_size, self.micro_batch)
+        loss_model = LossModel(self.model)
+        if dist.enabled:
+            loss_model = nn.parallel.DistributedDataParallel(
+                loss_model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+        self.loss_model = loss_model
+        self.optimizer = make_optimizer(self.model, config, fused=dist.device.type == "cuda")
+        use_bf16 = config.precision == "bf16" or (config.precision == "auto" and dist.device.type == "cuda")
+        self.autocast = (lambda: torch.autocast(dist.device.type, dtype=torch.bfloat16)) if use_bf16 \
+            else contextlib.nullcontext
+        self.progress, self.on_checkpoint = progress, on_checkpoint
+        self.step, self.history = 0, []
+        found = latest_checkpoint(self.out_dir) if resume else None
+        if found is not None:
+            state = load_checkpoint(found, self.model, self.optimizer)
+            self.step, self.history = state["step"], state["history"]
+
+    # ------------------------------------------------------------------ one optimizer step
+
+    def train_step(self, step: int) -> dict:
+        c = self.config
+        lr = lr_at(step, peak=c.lr, total=c.steps, warmup=c.warmup_steps, kind=c.schedule,
+                   decay_frac=c.decay_frac, min_ratio=c.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batches = [self.task.batch(step, m).to(self.dist.device) for m in range(self.accum)]
+        counts = torch.tensor([float(sum(b.n_targets for b in batches)),
+                               float(sum(int((b.tokens != self.model.config.pad_id).sum()) for b in batches))])
+        counts = all_reduce_sum(counts, self.dist)
+        n_targets, n_tokens = max(1.0, counts[0].item()), counts[1].item()
+        total = torch.zeros((), device=self.dist.device)
+        for m, b in enumerate(batches):
+            last = m == self.accum - 1
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.loss_model.no_sync()
+            with sync:
+                with self.autocast():
+                    loss_sum = self.loss_model(b.tokens, b.targets, b.refs, b.ref_lens, b.mem_ids)
+                # DDP averages gradients over ranks: scale so the result is sum / global count.
+                (loss_sum * (self.dist.world_size / n_targets)).backward()
+            total += loss_sum.detach().float()
+        loss = all_reduce_sum(total, self.dist).item() / n_targets
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), c.clip).item() if c.clip > 0 else float("nan")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        memory = batches[0].refs is not None
+        return {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
+                "targets": n_targets, "memory": memory}
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self, stop_at: int | None = None) -> dict:
+        """Train up to ``config.steps`` (or stop early at ``stop_at``, checkpointing there, as
+        a preempted job would); return steps, final loss, steps/s and tokens/s."""
+        c = self.config
+        end = c.steps if stop_at is None else min(stop_at, c.steps)
+        bar = tqdm(total=c.steps, initial=self.step, desc=c.recipe, disable=not (self.progress and self.dist.is_main))
+        t0, tokens, start = time.perf_counter(), 0.0, self.step
+        while self.step < end:
+            record = self.train_step(self.step)
+            self.step += 1
+            tokens += record["tokens"]
+            elapsed = time.perf_counter() - t0
+            record["tokens_per_s"] = tokens / elapsed
+            self.history.append(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                            tok_s=f"{record['tokens_per_s']:.0f}")
+            if not math.isfinite(record["loss"]):
+                raise FloatingPointError(f"loss is {record['loss']} at step {record['step']}: lower the lr "
+                                         f"or resume from an earlier checkpoint")
+            if (c.checkpoint_every and self.step % c.checkpoint_every == 0) or self.step == end:
+                self.save()
+        bar.close()
+        elapsed = time.perf_counter() - t0
+        steps = self.step - start
+        return {"steps": self.step, "final_loss": self.history[-1]["loss"] if self.history else None,
+                "seconds": elapsed, "steps_per_s": steps / elapsed if steps else 0.0,
+                "tokens_per_s": tokens / elapsed if steps else 0.0, "out_dir": str(self.out_dir)}
+
+    def save(self) -> None:
+        """Checkpoint ``step_NNNNNN`` (rank 0 writes; all ranks wait), the loss curve, and
+        drop checkpoints beyond ``keep_checkpoints``."""
+        if self.dist.is_main:
+            extra = self.on_checkpoint(self.step) if self.on_checkpoint else {}
+            state = {"step": self.step, "model_config": self.model.config.to_dict(),
+                     "train_config": self.config.to_dict(), "history": self.history, **extra}
+            save_checkpoint(self.out_dir / f"step_{self.step:06d}", model_state=self.model.state_dict(),
+                            optimizer=self.optimizer, state=state)
+            for old in sorted(self.out_dir.glob("step_*"))[:-self.config.keep_checkpoints]:
+                if old.is_dir() and not old.name.endswith(".tmp"):
+                    shutil.rmtree(old)
+            (self.out_dir / "history.json").write_text(json.dumps(self.history) + "\n")
+            plot_loss_curve(self.history, self.out_dir / "loss_curve.png", title=self.config.recipe)
+        barrier(self.dist)
+
+
+def plot_loss_curve(history: list[dict], path: str | Path, title: str = "") -> None:
+    """Training loss per step (memory and no-memory steps apart when both occur), log scale."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for memory, label, color in ((True, "steps with memory", "tab:blue"), (False, "steps without memory", "tab:orange")):
+        pts = [(h["step"], h["loss"]) for h in history if h.get("memory", False) == memory]
+        if pts:
+            ax.plot(*zip(*pts), ".", ms=2, alpha=0.35, color=color, label=label)
+            window = max(1, len(pts) // 50)
+            smooth = [sum(l for _, l in pts[max(0, i - window + 1):i + 1]) / len(pts[max(0, i - window + 1):i + 1])
+                      for i in range(len(pts))]
+            ax.plot([s for s, _ in pts], smooth, color=color, lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / target token)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if history:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,170 @@
+"""The trainer: exact resume, schedules, checkpoint format (no pickle), the leakage filter
+of the continual stage and the single-stage recipe's batches."""
+import json
+
+import pytest
+import torch
+
+from memory3.model import Memory3Config, Memory3Model
+from memory3.model.tokenizer import train_bpe
+from memory3.retrieval.overlap import overlap
+from memory3.train.config import TrainConfig
+from memory3.train.data import write_token_shards
+from memory3.train.schedule import lr_at
+from memory3.train.synthetic import SyntheticConfig, SyntheticKnowledgeBase
+from memory3.train.tasks import IGNORE, ContinualTask, SyntheticRecipe, SyntheticTask, WarmupTask
+from memory3.train.trainer import Trainer
+
+KB = SyntheticKnowledgeBase(SyntheticConfig(n_train=120, n_heldout=20, n_names=200, seed=1))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = list(KB.training_documents()) + [r["text"] for r in KB.references()]
+    return train_bpe(texts, 700)
+
+
+@pytest.fixture(scope="module")
+def shards(tokenizer, tmp_path_factory):
+    return write_token_shards(KB.training_documents(), tokenizer, tmp_path_factory.mktemp("shards"),
+                              eos_id=2, progress=False)
+
+
+def tiny(tokenizer, **kw):
+    return Memory3Config.preset("tiny", vocab_size=tokenizer.vocab_size, **kw)
+
+
+def warmup_trainer(shards, config, out, steps=6, **kw):
+    torch.manual_seed(0)
+    model = Memory3Model(config)
+    tc = TrainConfig.recipe_defaults("warmup", steps=steps, batch_size=4, micro_batch=2, seq_len=48,
+                                     warmup_frac=0.34, **kw)
+    return Trainer(model, lambda r, w, m: WarmupTask(shards, config, seq_len=48, micro_batch=m, rank=r,
+                                                       world_size=w), tc, out, progress=False)
+
+
+def test_resume_gives_the_same_losses(shards, tokenizer, tmp_path):
+    config = tiny(tokenizer)
+    straight = warmup_trainer(shards, config, tmp_path / "a")
+    straight.fit()
+    first = warmup_trainer(shards, config, tmp_path / "b")
+    first.fit(stop_at=3)
+    assert (tmp_path / "b" / "step_000003").is_dir()
+    resumed = warmup_trainer(shards, config, tmp_path / "b")   # a new process would do this
+    assert resumed.step == 3
+    resumed.fit()
+    losses = lambda t: [h["loss"] for h in t.history]  # noqa: E731
+    assert losses(resumed) == losses(straight)
+    for name, p in straight.model.state_dict().items():
+        assert torch.equal(p, resumed.model.state_dict()[name]), name
+    fresh = warmup_trainer(shards, config, tmp_path / "c")
+    fresh.fit(stop_at=3)
+    assert losses(fresh)[:3] == losses(straight)[:3] and losses(straight)[-1] < losses(straight)[0]
+
+
+def test_checkpoint_is_safetensors_and_json(shards, tokenizer, tmp_path):
+    t = warmup_trainer(shards, tiny(tokenizer), tmp_path, steps=4, checkpoint_every=1, keep_checkpoints=2)
+    t.fit()
+    kept = sorted(p.name for p in tmp_path.glob("step_*"))
+    assert kept == ["step_000003", "step_000004"]
+    files = sorted(p.name for p in (tmp_path / "step_000004").iterdir())
+    assert files == ["model.safetensors", "optimizer.safetensors", "state.json"]
+    state = json.loads((tmp_path / "step_000004" / "state.json").read_text())
+    assert state["step"] == 4 and state["train_config"]["recipe"] == "warmup" and len(state["history"]) == 4
+    assert (tmp_path / "loss_curve.png").stat().st_size > 1000
+    (tmp_path / "step_000004" / "state.json").write_text("{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        warmup_trainer(shards, tiny(tokenizer), tmp_path, steps=4)
+
+
+def test_schedules():
+    wsd = [lr_at(s, peak=1.0, total=100, warmup=10, kind="wsd", decay_frac=0.2) for s in range(100)]
+    assert wsd[0] == pytest.approx(0.1) and wsd[9] == 1.0 and wsd[50] == 1.0 and wsd[79] == 1.0
+    assert wsd[80] < 1.0 and wsd[99] == pytest.approx(0.0) and all(a >= b for a, b in zip(wsd[10:], wsd[11:]))
+    cos = [lr_at(s, peak=1.0, total=100, warmup=10, kind="cosine", min_ratio=0.1) for s in range(100)]
+    assert cos[10] == 1.0 and cos[55] == pytest.approx(0.55, abs=0.02) and cos[99] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="schedule"):
+        lr_at(0, peak=1, total=10, warmup=1, kind="linear")
+
+
+class LeakyRetriever:
+    """Retrieves, for every chunk, first a reference that copies the training text itself
+    (must be dropped by the 0.9 filter), then an unrelated reference."""
+
+    def __init__(self, task_refs):
+        self.task_refs = task_refs
+        self.queries = []
+
+    def __call__(self, texts, k):
+        self.queries += texts
+        return [[0, 1 + i % 3] for i, _ in enumerate(texts)]
+
+
+def test_continual_task_leakage_filter_and_chunk_window(shards, tokenizer):
+    config = tiny(tokenizer, chunk_size=16)
+    probe = WarmupTask(shards, config, seq_len=80, micro_batch=2, seed=5)
+    tokens, _ = probe.lm_rows(step=0, micro=0)
+    leaking = tokens[0, 10:60].tolist()                       # a copy of part of sequence 0
+    unrelated = [tokenizer.encode(KB.reference_text(p)) for p in KB.heldout_people[:3]]
+    retriever = LeakyRetriever(None)
+    task = ContinualTask(shards, config, references=[leaking, *unrelated], retriever=retriever,
+                         detokenize=tokenizer.decode, seq_len=80, micro_batch=2, seed=5)
+    assert overlap(tokens[0, 1:].tolist(), leaking) > 0.9
+    b = task.batch(step=0, micro=0)
+    assert torch.equal(b.tokens, tokens)
+    C = -(-(tokens.shape[1] - config.prefix_len) // config.chunk_size)
+    assert b.mem_ids.shape == (2, C, 5) and len(retriever.queries) == 2 * C
+    rows = [b.refs[i, :int(b.ref_lens[i])].tolist() for i in range(len(b.refs))]
+    leak_rows = [i for i, r in enumerate(rows) if r[-len(leaking):] == leaking]
+    assert len(leak_rows) == 1                                  # sequence 1 may read it: no overlap there
+    assert leak_rows[0] not in b.mem_ids[0].tolist()            # sequence 0 never reads its own copy
+    assert leak_rows[0] in b.mem_ids[1].flatten().tolist()
+    assert task.skipped_leaks == C                              # sequence 0: every chunk's first hit dropped
+    for c in range(C):                                          # chunk c reads chunks c-4..c: min(c+1, 5) refs
+        assert int((b.mem_ids[0, c] >= 0).sum()) == min(c + 1, 5)
+    # without the filter the copy is used
+    open_task = ContinualTask(shards, config, references=[leaking, *unrelated], retriever=LeakyRetriever(None),
+                              detokenize=tokenizer.decode, seq_len=80, micro_batch=2, seed=5, leak_threshold=1.0)
+    ob = open_task.batch(step=0, micro=0)
+    rows = [ob.refs[i, :int(ob.ref_lens[i])].tolist() for i in range(len(ob.refs))]
+    leak_row = next(i for i, r in enumerate(rows) if r[-len(leaking):] == leaking)
+    assert leak_row in ob.mem_ids[0].flatten().tolist() and open_task.skipped_leaks == 0
+
+
+def test_single_stage_batches(tokenizer):
+    config = tiny(tokenizer)
+    recipe = SyntheticRecipe(rag_share=0.3)
+    task = SyntheticTask(KB, tokenizer, config, recipe=recipe, total_steps=100, micro_batch=3, seed=2)
+    assert [recipe.memories_at(s, 100) for s in (0, 8, 15, 30, 99)] == [1, 2, 3, 5, 5]
+    kinds = {recipe.is_rag_step(2, s) for s in range(40)}
+    assert kinds == {True, False}
+    for step in range(12):
+        b = task.batch(step, 0)
+        rag = recipe.is_rag_step(2, step)
+        assert (b.refs is None) == rag
+        for row, tgt in zip(b.tokens, b.targets):
+            spans, run = [], []
+            for t in tgt.tolist() + [IGNORE]:
+                if t != IGNORE:
+                    run.append(t)
+                elif run:
+                    spans, run = spans + [run], []
+            answers = [tokenizer.decode(span).strip() for span in spans]
+            assert len(answers) == 5 and all(" " not in a for a in answers)   # answers only
+            text = tokenizer.decode(row.tolist())
+            for a in answers:
+                assert f"A: {a} ." in text
+            assert row[0] == config.prefix_ids[0] and row[1] == config.bos_id
+        if not rag:
+            n = recipe.memories_at(step, 100)
+            assert b.mem_ids.shape[0] == 3 and b.mem_ids.shape[2] == n and len(b.refs) == 3 * n
+            for i in range(3):                               # the asked person's bio is one of the memories
+                name, = set(tokenizer.decode(b.tokens[i].tolist()).split("?")[0].split()) & set(KB.first_names)
+                bios = [tokenizer.decode(b.refs[j].tolist()) for j in b.mem_ids[i, 0].tolist()]
+                assert sum(name in bio for bio in bios) == 1
+    assert torch.equal(task.batch(7, 1).tokens, task.batch(7, 1).tokens)
+    two = [SyntheticTask(KB, tokenizer, config, recipe=recipe, total_steps=100, micro_batch=3, seed=2,
+                         rank=r, world_size=2).batch(20, 0).tokens for r in range(2)]
+    one = SyntheticTask(KB, tokenizer, config, recipe=recipe, total_steps=100, micro_batch=6, seed=2).batch(20, 0)
+    strip = lambda row: [t for t in row.tolist() if t != config.pad_id]  # noqa: E731
+    assert [strip(r) for t in two for r in t] == [strip(r) for r in one.tokens]   # ranks split one batch
