@@ -17,6 +17,7 @@ import torch
 import bench_codecs
 import bench_gather_memory
 import bench_memory_attention
+import bench_model
 
 
 def rows(quick: bool) -> list[tuple]:
@@ -39,6 +40,14 @@ def rows(quick: bool) -> list[tuple]:
                     r["quantize_speedup"], note))
         out.append(("dequantize_memory", f"{codec}, by id", 1e3 * r["dequantize_s"], 1e3 * r["dequantize_reference_s"],
                     r["dequantize_speedup"], ""))
+    # The model: reference column = the same weights through transformers' Llama (no memory).
+    r = bench_model.measure(steps=5 if quick else 20, budget_s=3.0 if quick else 8.0)
+    for phase, case in (("prefill", f"prefill B={r['batch']} x {r['prompt']} tokens"),
+                        ("decode", f"decode step B={r['batch']} at {r['prompt']}")):
+        note = (f"{r[f'{phase}_memory_tok_s']:,.0f} tok/s with 5 memories/chunk = "
+                f"{r[f'{phase}_memory_vs_plain']:.2f}x the time without memory; reference: transformers Llama")
+        out.append((f"Memory3Model {r['preset']}", case, 1e3 * r[f"{phase}_memory_s"], 1e3 * r[f"{phase}_llama_s"],
+                    r[f"{phase}_llama_s"] / r[f"{phase}_memory_s"], note))
     return out
 
 
