@@ -18,10 +18,10 @@ import torch
 from memory3.memory.bank import Bank
 from memory3.memory.manifest import MemoryShape
 
-SHAPE = MemoryShape(layers=3, kv_heads=2, tokens=8, head_dim=16)
+SHAPE = MemoryShape(layers=2, kv_heads=2, tokens=8, head_dim=16)
 EMB_DIM = 6
-BATCHES = [[f"ref{b}-{i}" for i in range(3)] for b in range(10)]
-SHARD_ROWS = 7  # batches straddle shard boundaries
+BATCHES = [[f"ref{b}-{i}" for i in range(3)] for b in range(8)]
+SHARD_ROWS = 5  # batches straddle shard boundaries
 
 
 def memory_of(ref_id: str) -> tuple[torch.Tensor, torch.Tensor]:

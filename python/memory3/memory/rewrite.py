@@ -8,6 +8,7 @@ before (a retrieval index, a cache) must be rebuilt, which retrieval.index does 
 """
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 from dataclasses import replace
@@ -83,12 +84,13 @@ def compact(bank: Bank, batch: int = 4096) -> int:
 
 
 def reencode(bank: Bank | str | os.PathLike, encode_fn: Callable[[list[str]], Tensor], fingerprint: str, *,
-             batch_size: int = 64, progress: bool = True) -> Bank:
+             batch_size: int = 64, codec_sample: int = 1024, progress: bool = True) -> Bank:
     """Rebuild every live memory from its stored text with another model.
 
     encode_fn(texts) -> memories [n, L, 2, Hkv, M, D] (the new model's encoder; its shape
     may differ from the old one); fingerprint: the new model's. Tombstones are dropped,
-    embeddings kept; a codec with learned state is retrained on the first batch. Returns the
+    embeddings kept; a codec with learned state is retrained on the first `codec_sample`
+    memories (held in memory until then). Returns the
     bank (opened writable when a path was given)."""
     if not isinstance(bank, Bank):
         bank = Bank.open(bank, writable=True)
@@ -97,27 +99,40 @@ def reencode(bank: Bank | str | os.PathLike, encode_fn: Callable[[list[str]], Te
         raise ValueError(f"fingerprint must be a non-empty string, got {fingerprint!r}")
     state = {"manifest": bank.manifest, "codec": None}
 
-    def batches():
+    def encoded_batches():
         emb = bank.embeddings() if bank.embedder else None
         for refs, rows in _live_batches(bank, batch_size):
             mem = encode_fn([r.text for r in refs])
-            if state["codec"] is None:  # the first batch fixes the shape and trains the codec
-                if not isinstance(mem, Tensor) or mem.dim() != 6 or mem.shape[0] != len(refs) or mem.shape[2] != 2:
-                    raise ValueError(f"encode_fn must return memories [n={len(refs)}, L, 2, Hkv, M, D], got "
-                                     f"{tuple(mem.shape) if isinstance(mem, Tensor) else type(mem).__name__}")
-                shape = MemoryShape(*(int(x) for x in (mem.shape[1], mem.shape[3], mem.shape[4], mem.shape[5])))
-                m = bank.manifest
-                codec = make_codec(m.codec["name"], shape, m.codec.get("config"))
-                m = replace(m, fingerprint=fingerprint, shape=shape, codec={**m.codec, "state": None, "state_sha256": None})
-                if codec.needs_training():
-                    codec.train(mem)
-                    m = bank._save_codec_state(m, codec)
-                state["manifest"], state["codec"] = m, codec
-            codec, shape = state["codec"], state["manifest"].shape
-            if tuple(mem.shape) != (len(refs), *shape.memory):
-                raise ValueError(f"encode_fn returned {tuple(mem.shape)}, expected {(len(refs), *shape.memory)}")
-            encoded = [codec.encode(l, mem[:, l, 0], mem[:, l, 1]) for l in range(shape.layers)]
-            yield [r.row for r in refs], encoded, None if emb is None else emb[rows]
+            if not isinstance(mem, Tensor) or mem.dim() != 6 or mem.shape[0] != len(refs) or mem.shape[2] != 2:
+                raise ValueError(f"encode_fn must return memories [n={len(refs)}, L, 2, Hkv, M, D], got "
+                                 f"{tuple(mem.shape) if isinstance(mem, Tensor) else type(mem).__name__}")
+            yield [r.row for r in refs], mem, None if emb is None else emb[rows]
+
+    def setup(sample: Tensor) -> None:
+        """The first memories fix the shape; a codec with learned state trains on them."""
+        shape = MemoryShape(*(int(x) for x in (sample.shape[1], sample.shape[3], sample.shape[4], sample.shape[5])))
+        m = bank.manifest
+        codec = make_codec(m.codec["name"], shape, m.codec.get("config"))
+        m = replace(m, fingerprint=fingerprint, shape=shape, codec={**m.codec, "state": None, "state_sha256": None})
+        if codec.needs_training():
+            codec.train(sample)
+            m = bank._save_codec_state(m, codec)
+        state["manifest"], state["codec"] = m, codec
+
+    def batches():
+        source, held = encoded_batches(), []
+        for item in source:  # hold the first batches until the codec's training sample is full
+            held.append(item)
+            if sum(len(h[0]) for h in held) >= codec_sample:
+                break
+        if not held:
+            return
+        setup(torch.cat([h[1] for h in held])[:codec_sample])
+        codec, shape = state["codec"], state["manifest"].shape
+        for old_rows, mem, emb in itertools.chain(held, source):
+            if tuple(mem.shape) != (len(old_rows), *shape.memory):
+                raise ValueError(f"encode_fn returned {tuple(mem.shape)}, expected {(len(old_rows), *shape.memory)}")
+            yield old_rows, [codec.encode(l, mem[:, l, 0], mem[:, l, 1]) for l in range(shape.layers)], emb
 
     gen = batches()
     first = next(gen, None)
