@@ -18,6 +18,15 @@ from memory3.train.trainer import Trainer
 KB = SyntheticKnowledgeBase(SyntheticConfig(n_train=120, n_heldout=20, n_names=200, seed=1))
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster than two, and far faster on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     texts = list(KB.training_documents()) + [r["text"] for r in KB.references()]
@@ -43,21 +52,35 @@ def warmup_trainer(shards, config, out, steps=6, **kw):
                                                        world_size=w), tc, out, progress=False)
 
 
-def test_resume_gives_the_same_losses(shards, tokenizer, tmp_path):
-    config = tiny(tokenizer)
-    straight = warmup_trainer(shards, config, tmp_path / "a")
+def single_stage_trainer(tokenizer, config, out, steps=6):
+    torch.manual_seed(0)
+    tc = TrainConfig.recipe_defaults("single-stage", steps=steps, batch_size=4, micro_batch=2, warmup_frac=0.34,
+                                     rag_share=0.34)
+    recipe = SyntheticRecipe(rag_share=0.34)
+    return Trainer(Memory3Model(config), lambda r, w, m: SyntheticTask(
+        KB, tokenizer, config, recipe=recipe, total_steps=steps, micro_batch=m, rank=r, world_size=w),
+        tc, out, progress=False)
+
+
+@pytest.mark.parametrize("recipe", ["warmup", "single-stage"])
+def test_resume_gives_the_same_losses(shards, tokenizer, tmp_path, recipe):
+    config = tiny(tokenizer, ref_len=64)
+    make = (lambda out: warmup_trainer(shards, config, out)) if recipe == "warmup" else \
+        (lambda out: single_stage_trainer(tokenizer, config, out))
+    straight = make(tmp_path / "a")
     straight.fit()
-    first = warmup_trainer(shards, config, tmp_path / "b")
+    first = make(tmp_path / "b")
     first.fit(stop_at=3)
     assert (tmp_path / "b" / "step_000003").is_dir()
-    resumed = warmup_trainer(shards, config, tmp_path / "b")   # a new process would do this
+    resumed = make(tmp_path / "b")   # a new process would do this
     assert resumed.step == 3
     resumed.fit()
     losses = lambda t: [h["loss"] for h in t.history]  # noqa: E731
     assert losses(resumed) == losses(straight)
+    assert recipe == "warmup" or any(h["memory"] for h in straight.history[3:])
     for name, p in straight.model.state_dict().items():
         assert torch.equal(p, resumed.model.state_dict()[name]), name
-    fresh = warmup_trainer(shards, config, tmp_path / "c")
+    fresh = make(tmp_path / "c")
     fresh.fit(stop_at=3)
     assert losses(fresh)[:3] == losses(straight)[:3] and losses(straight)[-1] < losses(straight)[0]
 
@@ -150,6 +173,8 @@ def test_single_stage_batches(tokenizer):
                 elif run:
                     spans, run = spans + [run], []
             answers = [tokenizer.decode(span).strip() for span in spans]
+            at = (tgt != IGNORE).nonzero().flatten()
+            assert torch.equal(tgt[at], row[at + 1])                 # targets[i] is the token after i
             assert len(answers) == 5 and all(" " not in a for a in answers)   # answers only
             text = tokenizer.decode(row.tolist())
             for a in answers:

@@ -250,7 +250,8 @@ class SyntheticTask:
         targets = pad_rows([s[1] for s in samples], IGNORE)
         if rag:
             return Batch(tokens, targets)
-        refs = [reference_ids(self.config, self.encode(" " + text)) for s in samples for text in s[2]]
+        # as the bank encodes knowledge-base text (Memory3Tokenizer.reference_ids)
+        refs = [self.tokenizer.reference_ids(text, self.config.ref_len) for s in samples for text in s[2]]
         ids = torch.arange(len(refs), dtype=torch.int32).view(len(samples), 1, n_mem)
         ids = ids.expand(-1, n_chunks(self.config, tokens.shape[1]), -1).contiguous()  # every chunk reads them
         return Batch(tokens, targets, pad_rows(refs, self.config.pad_id), torch.tensor([len(r) for r in refs]), ids)

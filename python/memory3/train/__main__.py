@@ -1,0 +1,5 @@
+import sys
+
+from memory3.train.run import main
+
+sys.exit(main())
