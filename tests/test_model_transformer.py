@@ -155,8 +155,9 @@ def test_prefill_and_token_by_token_decode_agree(positions):
                 torch.testing.assert_close(logits[b, 0], full[b, lens[b] - 1], rtol=1e-4, atol=1e-4)
 
 
-def test_gradients_reach_memories_as_in_the_oracle():
-    model = make_model()
+@pytest.mark.parametrize("positions", ["parallel", "ranked"])
+def test_gradients_reach_memories_as_in_the_oracle(positions):
+    model = make_model(memory_positions=positions)
     c = model.config
     tokens = make_tokens(c, 2, 40)
     memory, ids = make_memories(c, 2, 3, empty_frac=0.0)
