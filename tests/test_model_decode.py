@@ -71,5 +71,11 @@ def test_bad_inputs_name_the_argument(model):
         model(tokens, Memories(mem.k, mem.v, mem.ids[:1]))
     with pytest.raises(ValueError, match="plain=True reads no memory"):
         model(tokens, mem, plain=True)
+    with pytest.raises(ValueError, match=r"logits_at must be an int tensor \[B=2\]"):
+        model(tokens, logits_at=torch.tensor([1]))
+    ranked = Memory3Model(Memory3Config.preset("tiny", chunk_size=16, memory_positions="ranked"))
+    six = Memories(mem.k, mem.v, torch.zeros(2, 2, 6, dtype=torch.int32))
+    with pytest.raises(ValueError, match="R=6 slots per chunk but ranked positions make room for memories_per_chunk=5"):
+        ranked(tokens, six)
     with pytest.raises(ValueError, match="mem_ids has 1 chunks"):
         model(tokens, Memories(mem.k, mem.v, mem.ids[:, :1]))

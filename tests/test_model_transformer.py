@@ -146,6 +146,11 @@ def test_prefill_and_token_by_token_decode_agree(positions):
         logits = model(tokens[:, :T0], memories, cache=cache, kv_lens=lens)
         for b, n in enumerate(prompt):
             torch.testing.assert_close(logits[b, :n], full[b, :n], rtol=1e-4, atol=1e-4)
+        cache.reset()
+        last = model(tokens[:, :T0], memories, cache=cache, kv_lens=lens, logits_at=torch.tensor(prompt) - 1)
+        assert last.shape == (B, 1, c.vocab_size)
+        for b, n in enumerate(prompt):
+            torch.testing.assert_close(last[b, 0], full[b, n - 1], rtol=1e-4, atol=1e-4)
         lens = torch.tensor(prompt, dtype=torch.int32)
         for _ in range(S - max(prompt)):  # the shorter one overwrites its padded rows
             lens = lens + 1

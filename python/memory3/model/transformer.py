@@ -188,6 +188,7 @@ class Memory3Model(nn.Module):
         cache: KVCache | None = None,
         kv_lens: Tensor | None = None,
         plain: bool = False,
+        logits_at: Tensor | None = None,
     ) -> Tensor:
         """Next-token logits [B, T, vocab_size] for T new tokens of B sequences.
 
@@ -198,14 +199,21 @@ class Memory3Model(nn.Module):
             memories: the memories of every chunk (`Memories`), or None (no memory read).
             cache: a `KVCache` from `new_cache`; the T new keys/values are written into it.
             kv_lens: int32 [B], with a cache only: each sequence's length once the T new
-                tokens are in (they go to indices kv_lens - T .. kv_lens - 1). In a ragged
-                prefill pass the padded lengths and set the true ones on the next call.
+                tokens are in (they go to indices kv_lens - T .. kv_lens - 1). A ragged
+                prefill passes the padded length T for every sequence; the next call passes
+                each true length + 1, so the padded rows are overwritten.
             plain: plain text at positions 0..S-1, no prefix offset and no memory (a Llama).
+            logits_at: int [B], optional: compute logits only at this index of the T new
+                tokens of each sequence (its last real token), returning [B, 1, vocab_size].
 
         The decode step (T = 1, tensors for kv_lens) keeps static shapes, so
         `torch.compile` traces it once for every length.
         """
         B, T = self._check_inputs(tokens, memories, cache, kv_lens, plain)
+        if logits_at is not None and (not isinstance(logits_at, Tensor) or logits_at.shape != (B,)
+                                      or logits_at.dtype.is_floating_point):
+            raise ValueError(f"logits_at must be an int tensor [B={B}] of indices into the T new tokens, "
+                             f"got {_describe(logits_at)}")
         c = self.config
         if cache is None:
             index = torch.arange(T, device=tokens.device).expand(B, T)
@@ -238,6 +246,8 @@ class Memory3Model(nn.Module):
                 )
             x = x + layer.attention.wo(out.reshape(B, T, -1))
             x = x + layer.feed_forward(layer.ffn_norm(x))
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at][:, None]
         return self.output(self.norm(x))
 
     def _rank_memories(self, memories: Memories) -> Memories:
@@ -304,6 +314,9 @@ class Memory3Model(nn.Module):
         ids = memories.ids
         if ids.dim() != 3 or ids.shape[0] != B:
             raise ValueError(f"memories.ids must be int32 [B={B}, C, R], got {_describe(ids)}")
+        if c.memory_positions == "ranked" and ids.shape[2] > c.memories_per_chunk:
+            raise ValueError(f"memories.ids has R={ids.shape[2]} slots per chunk but ranked positions make room "
+                             f"for memories_per_chunk={c.memories_per_chunk}")
         return B, T
 
 
