@@ -31,7 +31,9 @@ def test_decode_step_compiles_once_over_100_steps(model):
     def decode_one(token, kv_lens):
         return model(token, mem, cache=cache, kv_lens=kv_lens)
 
-    step = torch.compile(decode_one, backend="aot_eager", fullgraph=True)
+    # Recompiles are dynamo's guards, whatever the backend; "eager" keeps the test fast
+    # (inductor also traces the step as one graph: checked by hand, ~40 s on 2 cores).
+    step = torch.compile(decode_one, backend="eager", fullgraph=True)
     token = torch.randint(4, 260, (B, 1))
     lens = torch.tensor([10, 20], dtype=torch.int32)
     with torch.no_grad():
