@@ -7,6 +7,9 @@ fixed-size rows of named arrays (one file per array per shard, see shards.py), a
     arrays = codec.encode(layer, k, v)           # {"k": int8 [n, Hkv, M, D], "k_scale": ..., ...}
     k, v = codec.decode(layer, arrays, ids, out_dtype)   # rows ids (int64 [n]) -> [n, Hkv, M, D]
 
+Decoding goes through gather_rows / dequantize_rows: the compiled ops, or their reference on
+a device whose kernel is not built yet (so a GPU bank works before its CUDA kernels land).
+
 Built in:  bf16 / fp16 / fp32 (raw), int8 (one scale per memory/head/token), int4 (groups of
 32 along D), pq (product quantization, codebooks trained on the bank's first append). Raw
 and int8 banks are `in_place`: ops.memory_attention reads their rows by id directly
@@ -31,8 +34,27 @@ from math import prod
 import torch
 from torch import Tensor
 
-from memory3 import ops
+from memory3 import ops, reference
 from memory3.memory.manifest import MemoryShape
+
+
+def _has_kernel(op: str, device: torch.device) -> bool:
+    key = "CUDA" if device.type == "cuda" else "CPU"
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"memory3::{op}", key)
+
+
+def gather_rows(mem_k: Tensor, mem_v: Tensor, ids: Tensor, out_dtype, k_scale=None, v_scale=None) -> tuple[Tensor, Tensor]:
+    """ops.gather_memory, or its reference on a device whose kernel is not built yet."""
+    if _has_kernel("gather_memory", ids.device):
+        return ops.gather_memory(mem_k, mem_v, ids, out_dtype, k_scale, v_scale)
+    return reference.gather_memory_ref(mem_k, mem_v, ids, out_dtype, k_scale, v_scale)
+
+
+def dequantize_rows(codes: Tensor, meta: Tensor, codec: str, ids: Tensor, out_dtype) -> Tensor:
+    """ops.dequantize_memory with ids, or its reference where the kernel is not built yet."""
+    if _has_kernel("dequantize_memory", ids.device):
+        return ops.dequantize_memory(codes, meta, codec, ids, out_dtype)
+    return reference.dequantize_memory_ref(codes, meta, codec, ids, out_dtype)
 
 
 @dataclass(frozen=True)
@@ -100,7 +122,7 @@ class RawCodec(Codec):
         return {"k": k.to(self.dtype), "v": v.to(self.dtype)}
 
     def decode(self, layer, arrays, ids, out_dtype):
-        return ops.gather_memory(arrays["k"], arrays["v"], ids, out_dtype)
+        return gather_rows(arrays["k"], arrays["v"], ids, out_dtype)
 
     def layer_bank(self, arrays):
         return {"mem_k": arrays["k"], "mem_v": arrays["v"], "mem_k_scale": None, "mem_v_scale": None}
@@ -131,7 +153,7 @@ class Int8Codec(Codec):
 
     def decode(self, layer, arrays, ids, out_dtype):
         a = arrays
-        return ops.gather_memory(a["k"], a["v"], ids, out_dtype, a["k_scale"], a["v_scale"])
+        return gather_rows(a["k"], a["v"], ids, out_dtype, a["k_scale"], a["v_scale"])
 
     def layer_bank(self, arrays):
         a = arrays
@@ -158,8 +180,8 @@ class Int4Codec(Codec):
     def decode(self, layer, arrays, ids, out_dtype):
         a = arrays
         return (
-            ops.dequantize_memory(a["k"], a["k_meta"], "int4", ids, out_dtype),
-            ops.dequantize_memory(a["v"], a["v_meta"], "int4", ids, out_dtype),
+            dequantize_rows(a["k"], a["k_meta"], "int4", ids, out_dtype),
+            dequantize_rows(a["v"], a["v_meta"], "int4", ids, out_dtype),
         )
 
 
@@ -219,7 +241,7 @@ class PQCodec(Codec):
 
     def decode(self, layer, arrays, ids, out_dtype):
         return tuple(
-            ops.dequantize_memory(arrays[kv], self.codebooks[f"layer{layer}.{kv}"].to(arrays[kv].device), "pq", ids, out_dtype)
+            dequantize_rows(arrays[kv], self.codebooks[f"layer{layer}.{kv}"].to(arrays[kv].device), "pq", ids, out_dtype)
             for kv in ("k", "v")
         )
 
