@@ -1,7 +1,7 @@
 # CUDA settings for memory3._C: architectures, nvcc flags, CUTLASS/CuTe headers.
 #
 # Architectures: sm_80 (Ampere) and sm_90a (Hopper, needed for wgmma/setmaxnreg). The
-# gencode form is used because `-arch=sm_90a` also runs a plain sm_90 pass (device HOPPER.md).
+# gencode form is used because `-arch=sm_90a` also runs a plain sm_90 pass.
 set(MEMORY3_CUDA_GENCODE
     "-gencode=arch=compute_80,code=sm_80"
     "-gencode=arch=compute_90a,code=sm_90a"

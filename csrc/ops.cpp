@@ -1,10 +1,12 @@
 // The memory3 torch library: every op's schema, in one place. Backends register their
 // kernels in csrc/cpu/ and csrc/cuda/; fake (meta) kernels and autograd live in
-// python/memory3/ops.py. Contracts: shared/DESIGN.md section 3.
+// python/memory3/ops.py; kernel parameters in include/memory3/params.h. Contracts: README,
+// "The ops", and python/memory3/reference.py (the executable spec).
 #include <torch/library.h>
 
 TORCH_LIBRARY(memory3, m) {
   // out [B, T, Hq, D] (dtype of q), lse [B, Hq, T] float32 (natural log, scale included).
+  // mem_ids [B, C, R] and kv_lens [B] are int32 or int64, checked before narrowing to int32.
   m.def(
       "memory_attention(Tensor q, Tensor k, Tensor v, Tensor mem_k, Tensor mem_v, Tensor mem_ids, "
       "Tensor? kv_lens=None, int chunk_size=64, int chunk_start=0, float? scale=None, "

@@ -22,14 +22,14 @@ using namespace cpu_launch;
 using cpu::MemoryAttentionCpu;
 
 // Compiled once per ISA level; all kernel code it reaches is inlined into it.
-M3_CPU_MULTIVERSION void run_forward_pass(Pass, const PassArgs& a) {
+M3_CPU_MULTIVERSION void run_forward_pass(const PassArgs& a, WorkQueue& queue) {
   dispatch_types(a.elem, a.int8, [&](auto t, auto mt, auto acc) M3_LAMBDA_INLINE {
     const MemoryAttentionParams& p = *a.p;
     MemoryAttentionCpu<decltype(t), decltype(mt), decltype(acc)> kernel(p, a.block_q);
     const int64_t bh = int64_t(p.B) * p.Hkv;
     const int nqb = (p.T + a.block_q - 1) / a.block_q;
     int64_t i;
-    while (a.queue->pop(i)) {  // heaviest first: the last query blocks see the longest context
+    while (queue.pop(i)) {  // heaviest first: the last query blocks see the longest context
       const int qb = nqb - 1 - int(i / bh), b = int(i % bh / p.Hkv), kvh = int(i % p.Hkv);
       kernel.forward_item(b, kvh, qb * a.block_q);
     }
@@ -51,8 +51,8 @@ std::tuple<at::Tensor, at::Tensor> memory_attention_cpu(
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   const int64_t nqb = (s.T + in.block_q - 1) / in.block_q;
-  parallel_pass(run_forward_pass, Pass::forward, {&p, nullptr, float_type_of(q.scalar_type(), "q"), s.int8_bank, in.block_q, nullptr},
-                nqb * s.B * s.Hkv);
+  const PassArgs args{&p, float_type_of(q.scalar_type(), "q"), s.int8_bank, in.block_q};
+  parallel_pass(run_forward_pass, args, nqb * s.B * s.Hkv);
   return {out, lse};
 }
 

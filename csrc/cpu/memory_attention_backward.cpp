@@ -13,49 +13,47 @@ namespace {
 using namespace cpu_launch;
 using cpu::MemoryAttentionCpu;
 
-M3_CPU_MULTIVERSION void run_backward_pass(Pass pass, const PassArgs& a) {
+M3_CPU_MULTIVERSION void run_backward_pass(const PassArgs& a, WorkQueue& queue) {
   dispatch_types(a.elem, a.int8, [&](auto t, auto mt, auto acc) M3_LAMBDA_INLINE {
-    const MemoryAttentionParams& p = *a.p;
-    MemoryAttentionCpu<decltype(t), decltype(mt), decltype(acc)> kernel(p, a.block_q);
-    const int64_t bh = int64_t(p.B) * p.Hkv;
-    const int nqb = (p.T + a.block_q - 1) / a.block_q;
+    const MemoryAttentionBwdParams& g = *a.g;
+    const cpu::BackwardScratch& w = *a.scratch;
+    MemoryAttentionCpu<decltype(t), decltype(mt), decltype(acc)> kernel(g, a.block_q);
+    const int64_t bh = int64_t(g.B) * g.Hkv;
+    const int nqb = (g.T + a.block_q - 1) / a.block_q;
     int64_t i;
-    switch (pass) {
-      case Pass::dq:
-        while (a.queue->pop(i)) {
-          const int qb = nqb - 1 - int(i / bh), b = int(i % bh / p.Hkv), kvh = int(i % p.Hkv);
-          kernel.backward_dq_item(*a.g, b, kvh, qb * a.block_q);
+    switch (a.pass) {
+      case BackwardPass::dq:
+        while (queue.pop(i)) {
+          const int qb = nqb - 1 - int(i / bh), b = int(i % bh / g.Hkv), kvh = int(i % g.Hkv);
+          kernel.backward_dq_item(g, w, b, kvh, qb * a.block_q);
         }
         break;
-      case Pass::dkv:  // heaviest first: the first key blocks are seen by the most queries
-        while (a.queue->pop(i)) {
-          const int kb = int(i / bh), b = int(i % bh / p.Hkv), kvh = int(i % p.Hkv);
-          kernel.backward_dkv_item(*a.g, b, kvh, kb * cpu::kKeyBlock);
+      case BackwardPass::dkv:  // heaviest first: the first key blocks are seen by the most queries
+        while (queue.pop(i)) {
+          const int kb = int(i / bh), b = int(i % bh / g.Hkv), kvh = int(i % g.Hkv);
+          kernel.backward_dkv_item(g, w, b, kvh, kb * cpu::kKeyBlock);
         }
         break;
-      case Pass::dmem:
-        while (a.queue->pop(i)) {
-          const int c = int(i / bh), b = int(i % bh / p.Hkv), kvh = int(i % p.Hkv);
-          kernel.backward_mem_item(*a.g, b, c, kvh);
+      case BackwardPass::dmem:
+        while (queue.pop(i)) {
+          const int c = int(i / bh), b = int(i % bh / g.Hkv), kvh = int(i % g.Hkv);
+          kernel.backward_mem_item(g, w, b, c, kvh);
         }
-        break;
-      case Pass::forward:  // run_forward_pass
         break;
     }
   });
 }
 
-// Adds the per-slot memory grads [B, C, R, 2, Hkv, M, D] into the bank grads by id, one
+// Adds the per-slot memory grads [B, C, R, 2, Hkv, M, D] into g.dmem_k / g.dmem_v by id, one
 // KV head per task and the slots in a fixed order, so the result is deterministic.
 template <typename Acc>
-void reduce_memory_grads(const at::Tensor& slots, const at::Tensor& mem_ids, at::Tensor& dmem_k,
-                         at::Tensor& dmem_v) {
+void reduce_memory_grads(const at::Tensor& slots, const at::Tensor& mem_ids, const MemoryAttentionBwdParams& g) {
   const int64_t B = slots.size(0), C = slots.size(1), R = slots.size(2), Hkv = slots.size(4);
   const int64_t row = slots.size(5) * slots.size(6);
   const Acc* src = slots.data_ptr<Acc>();
   const int32_t* ids = mem_ids.data_ptr<int32_t>();
-  Acc* dk = dmem_k.data_ptr<Acc>();
-  Acc* dv = dmem_v.data_ptr<Acc>();
+  Acc* dk = static_cast<Acc*>(g.dmem_k);
+  Acc* dv = static_cast<Acc*>(g.dmem_v);
   at::parallel_for(0, Hkv, 1, [&](int64_t h0, int64_t h1) {
     for (int64_t h = h0; h < h1; ++h)
       for (int64_t slot = 0; slot < B * C * R; ++slot) {
@@ -99,31 +97,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> memory_at
   at::Tensor dk = at::zeros({s.B, s.S, s.Hkv, s.D}, q.options());
   at::Tensor dv = at::zeros({s.B, s.S, s.Hkv, s.D}, q.options());
   at::Tensor delta = at::empty({s.B, s.Hq, s.T}, q.options().dtype(acc_type));
-  at::Tensor slots;
-  if (mem_grad) slots = at::zeros({s.B, s.C, s.R, 2, s.Hkv, s.M, s.D}, q.options().dtype(acc_type));
+  at::Tensor slots, acc_k, acc_v;  // per-slot memory grads; the bank grads, in Acc
+  if (mem_grad) {
+    slots = at::zeros({s.B, s.C, s.R, 2, s.Hkv, s.M, s.D}, q.options().dtype(acc_type));
+    acc_k = at::zeros({s.N, s.Hkv, s.M, s.D}, q.options().dtype(acc_type));
+    acc_v = at::zeros_like(acc_k);
+  }
 
-  MemoryAttentionParams p = make_params(s, in.q, in.k, in.v, in.mem_k, in.mem_v, in.mem_ids, in.kv_lens,
-                                        chunk_size, chunk_start, scale, in.mks, in.mvs);
-  p.lse = lse_c.data_ptr<float>();
-  MemoryAttentionGradParams g{};
-  g.dout = dout_c.data_ptr();
+  MemoryAttentionBwdParams g{};
+  static_cast<MemoryAttentionParams&>(g) = make_params(s, in.q, in.k, in.v, in.mem_k, in.mem_v, in.mem_ids,
+                                                        in.kv_lens, chunk_size, chunk_start, scale, in.mks, in.mvs);
   g.out = out_c.data_ptr();
+  g.lse = lse_c.data_ptr<float>();
+  g.dout = dout_c.data_ptr();
   g.dlse = dlse_c ? dlse_c->data_ptr<float>() : nullptr;
   g.dq = dq.data_ptr(), g.dk = dk.data_ptr(), g.dv = dv.data_ptr();
-  g.delta = delta.data_ptr();
-  g.mem_grad = mem_grad ? slots.data_ptr() : nullptr;
+  g.dmem_k = mem_grad ? acc_k.data_ptr() : nullptr;
+  g.dmem_v = mem_grad ? acc_v.data_ptr() : nullptr;
+  const cpu::BackwardScratch scratch{delta.data_ptr(), mem_grad ? slots.data_ptr() : nullptr};
 
-  const PassArgs args{&p, &g, float_type_of(q.scalar_type(), "q"), s.int8_bank, in.block_q, nullptr};
+  PassArgs args{&g, float_type_of(q.scalar_type(), "q"), s.int8_bank, in.block_q, &g, &scratch};
   const int64_t bh = s.B * s.Hkv;
-  parallel_pass(run_backward_pass, Pass::dq, args, (s.T + in.block_q - 1) / in.block_q * bh);  // also writes delta
-  parallel_pass(run_backward_pass, Pass::dkv, args, (s.S + cpu::kKeyBlock - 1) / cpu::kKeyBlock * bh);
+  args.pass = BackwardPass::dq;  // also writes delta
+  parallel_pass(run_backward_pass, args, (s.T + in.block_q - 1) / in.block_q * bh);
+  args.pass = BackwardPass::dkv;
+  parallel_pass(run_backward_pass, args, (s.S + cpu::kKeyBlock - 1) / cpu::kKeyBlock * bh);
   at::Tensor dmem_k = at::empty({0}, q.options()), dmem_v = at::empty({0}, q.options());
   if (mem_grad) {
-    parallel_pass(run_backward_pass, Pass::dmem, args, s.C * bh);
-    at::Tensor acc_k = at::zeros({s.N, s.Hkv, s.M, s.D}, q.options().dtype(acc_type));
-    at::Tensor acc_v = at::zeros_like(acc_k);
-    if (acc_type == at::kDouble) reduce_memory_grads<double>(slots, in.mem_ids, acc_k, acc_v);
-    else reduce_memory_grads<float>(slots, in.mem_ids, acc_k, acc_v);
+    args.pass = BackwardPass::dmem;
+    parallel_pass(run_backward_pass, args, s.C * bh);
+    if (acc_type == at::kDouble) reduce_memory_grads<double>(slots, in.mem_ids, g);
+    else reduce_memory_grads<float>(slots, in.mem_ids, g);
     dmem_k = acc_k.to(mem_k.scalar_type());
     dmem_v = acc_v.to(mem_k.scalar_type());
   }

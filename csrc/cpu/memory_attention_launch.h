@@ -33,28 +33,29 @@ struct WorkQueue {
   bool pop(int64_t& i) { return (i = next.fetch_add(1, std::memory_order_relaxed)) < size; }
 };
 
-// The passes over work items. Each launcher's worker (one per file) is compiled once per
-// ISA level (M3_CPU_MULTIVERSION), with all the kernel code it reaches inlined into it.
-enum class Pass { forward, dq, dkv, dmem };
+// What a pass's worker needs besides its work queue. A worker (one per launcher file) is
+// compiled once per ISA level (M3_CPU_MULTIVERSION), with all the kernel code it reaches
+// inlined into it; the backward runs three passes through one worker.
+enum class BackwardPass { dq, dkv, dmem };
 
 struct PassArgs {
   const MemoryAttentionParams* p;
-  const MemoryAttentionGradParams* g;
   FloatType elem;
   bool int8;
   int block_q;
-  WorkQueue* queue;
+  const MemoryAttentionBwdParams* g = nullptr;   // backward only: p == g
+  const cpu::BackwardScratch* scratch = nullptr;  // backward only
+  BackwardPass pass = BackwardPass::dq;           // backward only
 };
 
-using PassWorker = void (*)(Pass, const PassArgs&);
+using PassWorker = void (*)(const PassArgs&, WorkQueue&);
 
-inline void parallel_pass(PassWorker worker, Pass pass, PassArgs args, int64_t items) {
+inline void parallel_pass(PassWorker worker, const PassArgs& args, int64_t items) {
   if (items <= 0) return;
   WorkQueue queue;
   queue.size = items;
-  args.queue = &queue;
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), items);
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { worker(pass, args); });
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { worker(args, queue); });
 }
 
 // Data checks the CPU can afford, on the caller's values (int32 or int64) before they are

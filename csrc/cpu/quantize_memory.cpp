@@ -111,24 +111,21 @@ int64_t check_codes(Codec codec, const at::Tensor& codes, const at::Tensor& meta
   check_cpu(meta, "dequantize_memory", "meta");
   const auto nhm = codes.sizes().slice(0, 3);
   const int64_t Dc = codes.size(3);
-  switch (codec) {
-    case Codec::int8:
-      TORCH_CHECK(meta.sizes() == nhm, "meta must be the int8 scales [N, Hkv, M] = ", nhm, ", got ", meta.sizes());
-      return Dc;
-    case Codec::int4: {
-      std::vector<int64_t> want_meta = nhm.vec();
-      want_meta.insert(want_meta.end(), {(2 * Dc + kInt4Group - 1) / kInt4Group, 2});
-      TORCH_CHECK(meta.sizes() == want_meta, "meta must be the int4 (scale, zero) [N, Hkv, M, ceil(D / 32), 2] = ",
-                  want_meta, " for codes ", codes.sizes(), ", got ", meta.sizes());
-      return 2 * Dc;
-    }
-    case Codec::pq:
-      TORCH_CHECK(meta.dim() == 4 && meta.size(1) == Dc, "meta must be the pq codebook [Hkv, D / d_sub = ", Dc,
-                  ", 256, d_sub], got ", meta.sizes());
-      dsub = check_codebook(meta, codes.size(1), Dc * meta.size(3), "meta");
-      return Dc * dsub;
+  if (codec == Codec::int8) {
+    TORCH_CHECK(meta.sizes() == nhm, "meta must be the int8 scales [N, Hkv, M] = ", nhm, ", got ", meta.sizes());
+    return Dc;
   }
-  return 0;
+  if (codec == Codec::int4) {
+    std::vector<int64_t> want_meta = nhm.vec();
+    want_meta.insert(want_meta.end(), {(2 * Dc + kInt4Group - 1) / kInt4Group, 2});
+    TORCH_CHECK(meta.sizes() == want_meta, "meta must be the int4 (scale, zero) [N, Hkv, M, ceil(D / 32), 2] = ",
+                want_meta, " for codes ", codes.sizes(), ", got ", meta.sizes());
+    return 2 * Dc;
+  }
+  TORCH_CHECK(meta.dim() == 4 && meta.size(1) == Dc, "meta must be the pq codebook [Hkv, D / d_sub = ", Dc,
+              ", 256, d_sub], got ", meta.sizes());
+  dsub = check_codebook(meta, codes.size(1), Dc * meta.size(3), "meta");
+  return Dc * dsub;
 }
 
 at::Tensor dequantize_memory_cpu(const at::Tensor& codes, const at::Tensor& meta, std::string_view codec_name,

@@ -11,31 +11,11 @@
 #include <cstring>
 #include <type_traits>
 
-#include "memory3/cpu_gemm.h"
 #include "memory3/numeric.h"
+#include "memory3/params.h"
 #include "memory3/quant.h"
 
-namespace memory3 {
-
-// One side (keys or values) of a bank. Strides in elements.
-struct BankRows {
-  const void* data;     // [N, Hkv, M, D], (Hkv, M, D) contiguous
-  int64_t stride_n;     // elements between memories
-  const float* scale;   // [N, Hkv, M], (Hkv, M) contiguous; null unless the bank is int8
-  int64_t scale_stride_n;
-};
-
-// One gather_memory call: out_k/out_v[r] = bank[ids[r]], or zeros where ids[r] == -1.
-struct GatherParams {
-  BankRows k, v;
-  const int64_t* ids;  // [R], validated to [-1, N) by the caller
-  void* out_k;         // [R, Hkv, M, D] contiguous
-  void* out_v;         // [R, Hkv, M, D] contiguous
-  int64_t vectors;     // Hkv * M: vectors of D per row
-  int64_t D;
-};
-
-namespace cpu {
+namespace memory3::cpu {
 
 // One row of a float bank, converted through Acc (float, or double for a double output:
 // the same two roundings as the reference's x.to(Acc).to(Out)).
@@ -74,5 +54,4 @@ M3_ALWAYS_INLINE void gather_rows(const GatherParams& p, int64_t r0, int64_t r1)
   }
 }
 
-}  // namespace cpu
-}  // namespace memory3
+}  // namespace memory3::cpu

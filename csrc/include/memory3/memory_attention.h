@@ -17,45 +17,17 @@
 #include "memory3/cpu_gemm.h"
 #include "memory3/cpu_rowops.h"
 #include "memory3/numeric.h"
+#include "memory3/params.h"
 
-namespace memory3 {
+namespace memory3::cpu {
 
-// One memory_attention call. Strides in elements; the head dim of every tensor is contiguous.
-struct MemoryAttentionParams {
-  const void* q;  // [B, T, Hq, D]
-  int64_t q_stride_b, q_stride_t, q_stride_h;
-  const void* k;  // [B, S, Hkv, D]
-  int64_t k_stride_b, k_stride_s, k_stride_h;
-  const void* v;  // [B, S, Hkv, D]
-  int64_t v_stride_b, v_stride_s, v_stride_h;
-  const void* mem_k;  // [N, Hkv, M, D], dtype of q, or int8 with mem_k_scale
-  int64_t mk_stride_n, mk_stride_h, mk_stride_m;
-  const void* mem_v;  // [N, Hkv, M, D]
-  int64_t mv_stride_n, mv_stride_h, mv_stride_m;
-  const float* mem_k_scale;  // [N, Hkv, M] contiguous; null unless the bank is int8
-  const float* mem_v_scale;  // [N, Hkv, M] contiguous; null unless the bank is int8
-  const int32_t* mem_ids;    // [B, C, R] contiguous; -1 = empty slot
-  const int32_t* kv_lens;    // [B], or null for all S
-  void* out;                 // [B, T, Hq, D] contiguous, dtype of q
-  float* lse;                // [B, Hq, T] contiguous: written by the forward, read by the backward
-  int B, T, S, Hq, Hkv, D, N, M, C, R;
-  int chunk_size, chunk_start;
-  double scale;
+// The CPU backward's own scratch (its algorithm, not the op's contract): the per-row
+// correction term and per-slot memory grads that the launcher adds into the bank rows by id
+// in a fixed order, so the result is deterministic.
+struct BackwardScratch {
+  void* delta;      // [B, Hq, T] Acc: rowsum(dout * out) - dlse
+  void* mem_slots;  // [B, C, R, 2, Hkv, M, D] Acc, or null when the bank gets no gradient
 };
-
-// The extra tensors of the backward pass. All contiguous.
-struct MemoryAttentionGradParams {
-  const void* dout;   // [B, T, Hq, D], dtype of q
-  const void* out;    // [B, T, Hq, D], dtype of q
-  const float* dlse;  // [B, Hq, T], or null when lse got no gradient
-  void* dq;           // [B, T, Hq, D], dtype of q
-  void* dk;           // [B, S, Hkv, D], dtype of q, zero-filled by the caller
-  void* dv;           // [B, S, Hkv, D], dtype of q, zero-filled by the caller
-  void* delta;        // [B, Hq, T] Acc scratch: rowsum(dout * out) - dlse
-  void* mem_grad;     // [B, C, R, 2, Hkv, M, D] Acc scratch, per-slot grads; null = none
-};
-
-namespace cpu {
 
 constexpr int kKeyBlock = 64;   // context keys per block
 constexpr int kRowTarget = 64;  // query rows (queries x group heads) per work item
@@ -120,13 +92,14 @@ class MemoryAttentionCpu {
 
   // ---------------------------------------------------------------- backward
   // Query side: dq for one (b, kvh, query block), and delta for its rows.
-  M3_ALWAYS_INLINE void backward_dq_item(const MemoryAttentionGradParams& g, int b, int kvh, int i0) {
+  M3_ALWAYS_INLINE void backward_dq_item(const MemoryAttentionBwdParams& g, const BackwardScratch& w, int b, int kvh,
+                                         int i0) {
     ensure_backward_tiles();
     const int nq = std::min(BQ_, p_.T - i0);
     const int rows = nq * G_;
     const int pbase = query_base(b) + i0;
     pack_query_rows(q_.data(), b, kvh, i0, nq, Acc(p_.scale));
-    pack_backward_rows(g, b, kvh, i0, nq, /*compute_delta=*/true);
+    pack_backward_rows(g, w, b, kvh, i0, nq, /*compute_delta=*/true);
     std::fill(o_.begin(), o_.end(), Acc(0));  // dQ accumulator
     for_each_key_block(b, kvh, pbase, nq, /*transposed_v=*/true,
                        [&](int row_lo, int n, int causal_j0) M3_LAMBDA_INLINE {
@@ -145,7 +118,8 @@ class MemoryAttentionCpu {
   }
 
   // Key side, context: dk, dv for one (b, kvh, block of kKeyBlock keys).
-  M3_ALWAYS_INLINE void backward_dkv_item(const MemoryAttentionGradParams& g, int b, int kvh, int j0) {
+  M3_ALWAYS_INLINE void backward_dkv_item(const MemoryAttentionBwdParams& g, const BackwardScratch& w, int b, int kvh,
+                                          int j0) {
     ensure_backward_tiles();
     const int L = kv_len(b);
     const int n = std::min(kKeyBlock, L - j0);
@@ -154,7 +128,7 @@ class MemoryAttentionCpu {
     // Queries at positions >= j0 see this block.
     const int qbase = query_base(b);
     const int i_lo = std::max(0, j0 - qbase);
-    accumulate_key_grads(g, b, kvh, n, i_lo, p_.T, j0);
+    accumulate_key_grads(g, w, b, kvh, n, i_lo, p_.T, j0);
     for (int jj = 0; jj < n; ++jj) {
       const int64_t off = ((int64_t(b) * p_.S + j0 + jj) * p_.Hkv + kvh) * p_.D;
       T* dk = static_cast<T*>(g.dk) + off;
@@ -167,22 +141,23 @@ class MemoryAttentionCpu {
   }
 
   // Key side, memories: the grads of the memories of chunk c of sequence b, per slot, into
-  // g.mem_grad (the caller adds slots into the bank rows by id, in a fixed order).
-  M3_ALWAYS_INLINE void backward_mem_item(const MemoryAttentionGradParams& g, int b, int c, int kvh) {
+  // w.mem_slots (the launcher adds slots into the bank rows by id, in a fixed order).
+  M3_ALWAYS_INLINE void backward_mem_item(const MemoryAttentionBwdParams& g, const BackwardScratch& w, int b, int c,
+                                          int kvh) {
     ensure_backward_tiles();
     const int qbase = query_base(b);
     const int64_t lo = std::max<int64_t>(chunk_begin(c), std::max(qbase, 0));
     const int64_t hi = std::min<int64_t>(chunk_begin(c + 1), kv_len(b));
     if (lo >= hi) return;
     const int p_lo = int(lo), p_hi = int(hi);  // within [0, kv_len] now
-    Acc* slots = static_cast<Acc*>(g.mem_grad);
+    Acc* slots = static_cast<Acc*>(w.mem_slots);
     const int64_t slot_elems = int64_t(p_.M) * p_.D;
     auto slot_ptr = [&](int r, int kv) {  // [B, C, R, 2, Hkv, M, D]
       return slots + ((((int64_t(b) * p_.C + c) * p_.R + r) * 2 + kv) * p_.Hkv + kvh) * slot_elems;
     };
     const int n = pack_memory_keys(b, c, kvh, /*transposed_v=*/true);
     if (n == 0) return;
-    accumulate_key_grads(g, b, kvh, n, p_lo - qbase, p_hi - qbase, /*causal_j0=*/-1);
+    accumulate_key_grads(g, w, b, kvh, n, p_lo - qbase, p_hi - qbase, /*causal_j0=*/-1);
     for (int jj = 0; jj < n; ++jj) {
       const int r = slot_[jj] / p_.M, t = slot_[jj] % p_.M;
       Acc* dk = slot_ptr(r, 0) + int64_t(t) * p_.D;
@@ -274,8 +249,8 @@ class MemoryAttentionCpu {
 
   // Key side: for the n packed keys, dV += P^T dO and dK += dS^T (scale Q) over the queries
   // [i_lo, i_hi) of sequence b, in query blocks. Results in dvt_ / dkt_ ([n][Dp]).
-  M3_ALWAYS_INLINE void accumulate_key_grads(const MemoryAttentionGradParams& g, int b, int kvh, int n,
-                                             int i_lo, int i_hi, int causal_j0) {
+  M3_ALWAYS_INLINE void accumulate_key_grads(const MemoryAttentionBwdParams& g, const BackwardScratch& w, int b,
+                                             int kvh, int n, int i_lo, int i_hi, int causal_j0) {
     const int np = round_up(n, NR);
     std::fill(dkt_.begin(), dkt_.end(), Acc(0));
     std::fill(dvt_.begin(), dvt_.end(), Acc(0));
@@ -284,7 +259,7 @@ class MemoryAttentionCpu {
       const int rows = nq * G_, rq = round_up(rows, MR);
       const int pbase = query_base(b) + i0;
       pack_query_rows(q_.data(), b, kvh, i0, nq, Acc(p_.scale));
-      pack_backward_rows(g, b, kvh, i0, nq, /*compute_delta=*/false);
+      pack_backward_rows(g, w, b, kvh, i0, nq, /*compute_delta=*/false);
       row_hi_ = rows;
       probabilities_and_ds(0, 0, rows, pbase, n, causal_j0);
       transpose(pt_.data(), RQ_, s_.data(), KP_, rq, np);  // P^T  [np][rq]
@@ -311,11 +286,11 @@ class MemoryAttentionCpu {
   }
 
   // dO rows, lse rows and delta rows of the query block (delta computed and stored, or read).
-  M3_ALWAYS_INLINE void pack_backward_rows(const MemoryAttentionGradParams& g, int b, int kvh, int i0, int nq,
-                                           bool compute_delta) {
+  M3_ALWAYS_INLINE void pack_backward_rows(const MemoryAttentionBwdParams& g, const BackwardScratch& w, int b,
+                                           int kvh, int i0, int nq, bool compute_delta) {
     const T* dout = static_cast<const T*>(g.dout);
     const T* out = static_cast<const T*>(g.out);
-    Acc* delta = static_cast<Acc*>(g.delta);
+    Acc* delta = static_cast<Acc*>(w.delta);
     for (int r = 0; r < RQ_; ++r) {
       if (r >= nq * G_) {
         std::fill(dout_.data() + r * Dp_, dout_.data() + (r + 1) * Dp_, Acc(0));
@@ -435,5 +410,4 @@ class MemoryAttentionCpu {
 // Queries per work item: enough rows (queries x group heads) to fill the GEMM tiles.
 inline int query_block_size(int T, int G) { return std::max(1, std::min(T, kRowTarget / std::max(1, G))); }
 
-}  // namespace cpu
-}  // namespace memory3
+}  // namespace memory3::cpu

@@ -16,38 +16,9 @@
 
 #include "memory3/cpu_gemm.h"
 #include "memory3/numeric.h"
+#include "memory3/params.h"
 
-namespace memory3 {
-
-enum class Codec { int8, int4, pq };
-
-constexpr int kInt4Group = 32;     // int4: values per (scale, zero) group along D
-constexpr int kPqCentroids = 256;  // pq: centroids per (head, sub-space), one uint8 code
-
-// One quantize_memory call over R = N * Hkv * M vectors.
-struct QuantizeParams {
-  const void* x;            // [R, D] contiguous, float32/float64/bfloat16/float16
-  void* codes;              // int8 [R, D] | uint8 [R, D / 2] | uint8 [R, D / dsub], contiguous
-  float* meta;              // int8: scale [R]; int4: (scale, zero) [R, ceil(D / 32), 2]; pq: unused
-  const float* codebook;    // pq: [Hkv, D / dsub, 256, dsub] contiguous
-  int64_t N, Hkv, M;        // vector r is (memory, head, token) = (r / (Hkv M), r / M % Hkv, r % M)
-  int D, dsub;
-};
-
-// One dequantize_memory call: out[r] = decode(memory ids[r]), or zeros where ids[r] == -1.
-struct DequantizeParams {
-  const void* codes;      // [N, Hkv, M, Dc], (Hkv, M, Dc) contiguous; Dc = D | D / 2 | D / dsub
-  int64_t codes_stride_n;
-  const float* meta;      // int8 scale [N, Hkv, M] | int4 [N, Hkv, M, ceil(D / 32), 2], inner dims
-  int64_t meta_stride_n;  //   contiguous; pq: null
-  const void* codebook;   // pq: [Hkv, D / dsub, 256, dsub] contiguous, in the output dtype
-  const int64_t* ids;     // [R], validated to [-1, N); null: row r is memory r
-  void* out;              // [R, Hkv, M, D] contiguous
-  int64_t Hkv, M;
-  int D, dsub;
-};
-
-namespace cpu {
+namespace memory3::cpu {
 
 // The row of an id of -1.
 template <typename Out>
@@ -281,5 +252,4 @@ M3_ALWAYS_INLINE void dequantize_rows(Codec codec, const DequantizeParams& p, in
   }
 }
 
-}  // namespace cpu
-}  // namespace memory3
+}  // namespace memory3::cpu
