@@ -83,9 +83,11 @@ def rope_cos_sin(positions: Tensor, head_dim: int, base: float, dtype: torch.dty
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [..., H, D] rotated by the angles of cos/sin [..., 1, D] (pairs i, i + D/2)."""
+    """x [..., H, D] rotated by the angles of cos/sin [..., 1, D] (pairs i, i + D/2), returned
+    in x's dtype: under bf16 autocast q, k come out of the linears in bf16 while cos/sin are
+    float32, and the attention op needs q, k, v (and the memories) in one dtype."""
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -259,10 +261,13 @@ class Memory3Model(nn.Module):
         shift = torch.arange(R, device=ids.device) * c.ref_len  # [R]
         cos, sin = rope_cos_sin(shift, c.head_dim, c.rope_base, self.dtype)  # [R, 1, D]
         cos, sin = cos[:, :, None], sin[:, :, None]  # [R, 1, 1, D] over [R, Hkv, M, D]
+        dtype = self.dtype  # the dtype q will have: the autocast one inside autocast
+        if torch.is_autocast_enabled(ids.device.type):
+            dtype = torch.get_autocast_dtype(ids.device.type)
         ks, vs = [], []
         for slot in range(len(memories.k)):
             k, v = ops.gather_memory(
-                memories.k[slot], memories.v[slot], ids, out_dtype=self.dtype,
+                memories.k[slot], memories.v[slot], ids, out_dtype=dtype,
                 mem_k_scale=None if memories.k_scale is None else memories.k_scale[slot],
                 mem_v_scale=None if memories.v_scale is None else memories.v_scale[slot],
             )  # [B, C, R, Hkv, M, D]
