@@ -193,3 +193,20 @@ def test_single_stage_batches(tokenizer):
     one = SyntheticTask(KB, tokenizer, config, recipe=recipe, total_steps=100, micro_batch=6, seed=2).batch(20, 0)
     strip = lambda row: [t for t in row.tolist() if t != config.pad_id]  # noqa: E731
     assert [strip(r) for t in two for r in t] == [strip(r) for r in one.tokens]   # ranks split one batch
+
+
+def test_bf16_autocast_step(tokenizer, tmp_path):
+    """The GPU path (bf16 autocast) on the CPU: a memory step trains and its loss is close
+    to the float32 one."""
+    config = tiny(tokenizer, ref_len=64)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        recipe = SyntheticRecipe(rag_share=0.0)
+        tc = TrainConfig.recipe_defaults("single-stage", steps=2, batch_size=2, precision=precision, rag_share=0.0)
+        t = Trainer(Memory3Model(config), lambda r, w, m: SyntheticTask(KB, tokenizer, config, recipe=recipe,
+                    total_steps=2, micro_batch=m), tc, tmp_path / precision, progress=False)
+        t.fit()
+        assert all(h["memory"] for h in t.history)
+        losses[precision] = [h["loss"] for h in t.history]
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02)
