@@ -17,7 +17,6 @@ import platform
 import statistics
 import time
 
-import pytest
 import torch
 
 from memory3.model import Memories, Memory3Config, Memory3Model

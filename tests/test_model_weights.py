@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from memory3.model import Memory3Config, Memory3Model, Memory3Tokenizer, load_model, train_bpe
+from memory3.model import Memory3Config, Memory3Model, load_model, train_bpe
 
 
 @pytest.fixture
