@@ -66,6 +66,9 @@ def test_tokenizer_that_does_not_fit_is_refused(model, tmp_path):
     small_model = Memory3Model(Memory3Config.preset("tiny", vocab_size=262))
     with pytest.raises(ValueError, match="270 tokens but the model's vocab_size is 262"):
         small_model.save_pretrained(tmp_path, big)
+    other_prefix = Memory3Model(Memory3Config.preset("tiny", prefix_ids=(1, 2)))
+    with pytest.raises(ValueError, match=r"encodes the reference prefix '<s>Reference:' as \[3\], but the config's prefix_ids are \[1, 2\]"):
+        other_prefix.save_pretrained(tmp_path)
 
 
 def test_fingerprint(model):
