@@ -86,10 +86,15 @@ def test_fingerprint(model):
     with torch.no_grad():
         model.layers[1].feed_forward.w2.weight[0, 0] += 0.01
     assert model.fingerprint() != fp
-    config = Memory3Config.preset("tiny", vocab_size=300, memory_positions="parallel")
-    other = Memory3Model(config)
-    other.load_state_dict(twin.state_dict())
-    assert other.fingerprint() != twin.fingerprint()  # the config is part of it
+    def with_config(**fields):
+        other = Memory3Model(Memory3Config.preset("tiny", vocab_size=300, **fields))
+        other.load_state_dict(twin.state_dict())
+        return other.fingerprint()
+
+    # how memories are read leaves them valid; how they are made does not
+    assert with_config(memory_positions="ranked", chunk_size=32, memories_per_chunk=3) == fp
+    assert with_config(memory_positions="ranked", memory_tokens=4) != fp
+    assert with_config(memory_positions="ranked", rope_base=500.0) != fp
 
 
 def test_load_model_preset_and_errors():

@@ -89,11 +89,19 @@ def load_model(name_or_dir: str | Path, *, dtype: torch.dtype | None = None,
     raise ValueError(f"--model {name_or_dir!r} is neither a model directory nor a preset ({', '.join(PRESETS)})")
 
 
+# The config fields a memory depends on. How memories are read (chunk_size,
+# memories_per_chunk, memory_positions) and the layers after the memory layers do not
+# change them, so a bank stays valid across those.
+MEMORY_FIELDS = ("vocab_size", "dim", "n_heads", "n_kv_heads", "head_dim", "mlp_dim", "rope_base", "norm_eps",
+                 "memory_layers", "memory_tokens", "ref_len", "reference_prefix", "prefix_ids")
+
+
 def fingerprint(model: Memory3Model) -> str:
-    """sha256 (hex) of the config and of every weight a memory depends on: the embedding and
-    the memory layers. Weights are hashed rounded to bfloat16, so a model and its bf16 cast
-    share a fingerprint (and banks); any training step changes it."""
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    """sha256 (hex) of the config fields and the weights a memory depends on: the embedding
+    and the memory layers. Weights are hashed rounded to bfloat16, so a model and its bf16
+    cast share a fingerprint (and banks); any training step changes it."""
+    fields = {name: value for name, value in model.config.to_dict().items() if name in MEMORY_FIELDS}
+    h = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
     prefixes = ("tok_embeddings.",) + tuple(f"layers.{i}." for i in model.config.memory_layers)
     for name, tensor in sorted(model.state_dict().items()):
         if name.startswith(prefixes):
