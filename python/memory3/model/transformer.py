@@ -2,7 +2,10 @@
 
 Pre-RMSNorm, RoPE (rotate-half, as Hugging Face Llama), grouped-query attention, SwiGLU MLP,
 untied embeddings. Memory layers call `memory3.ops.memory_attention`; every layer without
-memories (and every layer when no memories are given) runs the same op with an empty bank.
+memories (and every layer when no memories are given) runs the same op with an empty bank:
+it takes ragged kv_lens and a partly filled cache without a mask (decode, 1 CPU thread,
+B=8, 1024-token cache: 0.63 ms vs 1.39 ms for masked SDPA) and is within ~10% of causal
+SDPA on a whole sequence (B=8, T=256: 10.4 vs 9.3 ms forward, 44 vs 43 ms with backward).
 
 Sequence layout (PAPER.md "Project decisions"), with P = config.prefix_len:
 
@@ -14,8 +17,8 @@ G = config.context_offset: ref_len (parallel positions) or memories_per_chunk * 
 (ranked); 0 for a model without memory layers. Chunk c covers context indices
 P + c*chunk_size .. P + (c+1)*chunk_size - 1. Memory keys arrive rotated at P + j (the
 encoder stores them so); ranked slots get their extra r*ref_len rotation here. With
-`plain=True` the tokens are plain text at positions 0..S-1 and no memory is read (Hugging
-Face parity, the encoder).
+`plain=True` the tokens are plain text at positions 0..S-1 and no memory is read (a Llama:
+Hugging Face parity).
 """
 from __future__ import annotations
 
