@@ -480,19 +480,24 @@ class Bank:
         return flat
 
     def _decode(self, rows: Tensor) -> Tensor:
-        """Read and decode distinct rows (int64 [n], CPU): [L, 2, n, Hkv, M, D] on device."""
+        """Read and decode rows (int64 [n], CPU; -1 = a zero row): [L, 2, n, Hkv, M, D] on device."""
         parts = self._load_parts()
-        L = self.shape.layers
-        out = torch.empty((L, 2, rows.numel(), *self.shape.layer), dtype=self.dtype, device=self.device)
-        shard_of = torch.searchsorted(self._starts, rows, right=True) - 1
-        for p in shard_of.unique().tolist():
-            sel = (shard_of == p).nonzero().squeeze(1)
-            local = rows[sel] - self._starts[p]
-            for layer in range(L):
+        valid = rows >= 0
+        shard_of = torch.searchsorted(self._starts, rows.clamp(min=0), right=True) - 1
+        used = shard_of[valid].unique().tolist()
+        whole = len(used) == 1 and bool(valid.all())  # decode straight into place
+        alloc = torch.empty if whole else torch.zeros
+        out = alloc((self.shape.layers, 2, rows.numel(), *self.shape.layer), dtype=self.dtype, device=self.device)
+        for p in used:
+            mask = valid & (shard_of == p)
+            sel = None if whole else mask.nonzero().squeeze(1).to(self.device)
+            local = (rows if whole else rows[mask]) - self._starts[p]
+            for layer in range(self.shape.layers):
                 arrays = {name: per[p] for name, per in parts[layer].items()}
                 k, v = self.codec.decode(layer, arrays, local.to(arrays["k"].device), self.dtype)
-                out[layer, 0, sel.to(self.device)] = k.to(self.device)
-                out[layer, 1, sel.to(self.device)] = v.to(self.device)
+                for i, x in enumerate((k, v)):
+                    x = x.to(self.device, non_blocking=True)
+                    out[layer, i].copy_(x) if whole else out[layer, i].index_copy_(0, sel, x)
         return out
 
     def gather(self, ids) -> Tensor:
@@ -501,13 +506,14 @@ class Bank:
         keys). Works for every codec and loading mode."""
         ids_t = ids if isinstance(ids, Tensor) else torch.as_tensor(ids)
         flat = self._check_ids(ids_t)
+        shape = (self.shape.layers, 2, *ids_t.shape, *self.shape.layer)
         valid = flat >= 0
+        if not bool(valid.any()):
+            return torch.zeros(shape, dtype=self.dtype, device=self.device)
         uniq, inverse = torch.unique(flat[valid], return_inverse=True)
-        out = torch.zeros((self.shape.layers, 2, flat.numel(), *self.shape.layer), dtype=self.dtype, device=self.device)
-        if uniq.numel():
-            dense = self._cache.fetch(uniq, self._decode)
-            out[:, :, valid.to(self.device)] = dense[:, :, inverse.to(self.device)]
-        return out.reshape(self.shape.layers, 2, *ids_t.shape, *self.shape.layer)
+        order = torch.full_like(flat, -1)
+        order[valid] = inverse
+        return self._cache.fetch(uniq, self._decode, order).reshape(shape)
 
     def gather_layers(self, ids) -> list[tuple[Tensor, Tensor]]:
         """gather() split per memory layer: [(k, v)] with k, v [*ids.shape, Hkv, M, D]."""
@@ -515,7 +521,12 @@ class Bank:
         return [(mem[l, 0], mem[l, 1]) for l in range(self.shape.layers)]
 
     def cache_stats(self) -> CacheStats:
+        """Capacity, use, hits, misses and hit rate of the cache of decoded memories."""
         return self._cache.stats()
+
+    def cache_clear(self) -> None:
+        """Empty the cache and zero its counters."""
+        self._cache.clear()
 
 
 def _lock(path: Path) -> int:

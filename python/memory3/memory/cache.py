@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from memory3.memory.codecs import gather_rows
+
 
 @dataclass
 class CacheStats:
@@ -50,13 +52,15 @@ class MemoryCache:
         self._slot.clear()
         self.hits = self.misses = 0
 
-    def fetch(self, rows: Tensor, load: Callable[[Tensor], Tensor]) -> Tensor:
-        """Memories of the distinct row ids `rows` (int64 [n], CPU): [L, 2, n, Hkv, M, D].
-        `load(rows)` returns the same layout for rows not in the cache."""
+    def fetch(self, rows: Tensor, load: Callable[[Tensor], Tensor], order: Tensor | None = None) -> Tensor:
+        """Memories of the distinct row ids `rows` (int64 [n], CPU) as [L, 2, n, Hkv, M, D], or
+        with `order` (int64 [k], indices into rows, -1 = a zero memory) as [L, 2, k, ...].
+        `load(rows)` (rows may hold -1) decodes what the cache does not hold."""
+        order = torch.arange(rows.numel()) if order is None else order
         n = rows.numel()
-        if n > self.capacity:  # a working set larger than the cache: read through
+        if n > self.capacity:  # no cache, or a working set larger than it: read through
             self.misses += n
-            return load(rows)
+            return load(torch.where(order >= 0, rows[order.clamp(min=0)], -1))
         slots, missing = [0] * n, []
         for i, r in enumerate(rows.tolist()):
             s = self._slot.get(r)
@@ -67,10 +71,10 @@ class MemoryCache:
                 slots[i] = s
         self.hits += n - len(missing)
         self.misses += len(missing)
+        if self._store is None:
+            L, two, Hkv, M, D = self._shape
+            self._store = torch.empty((L, two, self.capacity, Hkv, M, D), dtype=self.dtype, device=self.device)
         if missing:
-            if self._store is None:
-                L, two, Hkv, M, D = self._shape
-                self._store = torch.empty((L, two, self.capacity, Hkv, M, D), dtype=self.dtype, device=self.device)
             free = self.capacity - len(self._slot)
             new_slots = list(range(len(self._slot), len(self._slot) + min(free, len(missing))))
             while len(new_slots) < len(missing):  # evict the least recently used (none of this batch:
@@ -82,5 +86,16 @@ class MemoryCache:
             for i, s in zip(missing, new_slots):
                 slots[i] = s
             data = load(miss_rows).to(self.device, self.dtype)
-            self._store[:, :, torch.tensor(new_slots, device=self.device)] = data
-        return self._store.index_select(2, torch.tensor(slots, device=self.device))
+            where = torch.tensor(new_slots, device=self.device)
+            for l in range(data.shape[0]):
+                for kv in range(2):
+                    self._store[l, kv].index_copy_(0, where, data[l, kv])
+        slot_t = torch.tensor(slots)
+        idx = torch.where(order >= 0, slot_t[order.clamp(min=0)], -1).to(self.device)
+        L, two, Hkv, M, D = self._shape
+        out = torch.empty((L, two, idx.numel(), Hkv, M, D), dtype=self.dtype, device=self.device)
+        for l in range(L):  # the gather op: row copies, -1 -> zeros
+            k, v = gather_rows(self._store[l, 0], self._store[l, 1], idx, self.dtype)
+            out[l, 0].copy_(k)
+            out[l, 1].copy_(v)
+        return out
