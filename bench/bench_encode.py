@@ -55,7 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small", help="model preset (untrained; default small)")
     parser.add_argument("--refs", type=int, default=128, help="references to encode (default 128)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--codec", default="int8", choices=codec_names())
     parser.add_argument("--embedder", default=DEFAULT_EMBEDDER)
     args = parser.parse_args()

@@ -190,7 +190,7 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="BANK",
                    help="bank directory: created, or appended to when it holds a bank of the same model")
     p.add_argument("--codec", default="int8", choices=codec_names(), help="how memories are stored (default int8)")
-    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="references per model forward (default 32)")
+    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="references per model forward (default 64)")
     p.add_argument("--embedder", default=DEFAULT_EMBEDDER, metavar="E",
                    help=f"retrieval embedder: {DEFAULT_EMBEDDER} (shipped, offline) or a local sentence-transformers "
                         "model directory")
@@ -324,7 +324,7 @@ def add_bank(sub) -> None:
                                               "records that model's fingerprint.")
     reencode.add_argument("bank", metavar="BANK")
     _add_model(reencode)
-    reencode.add_argument("--batch-size", type=int, default=32, metavar="N", help="references per forward (default 32)")
+    reencode.add_argument("--batch-size", type=int, default=64, metavar="N", help="references per forward (default 64)")
     reencode.set_defaults(func=cmd_bank_reencode)
 
 

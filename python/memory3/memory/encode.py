@@ -1,6 +1,6 @@
 """A knowledge base (jsonl) -> a memory bank, in one process or sharded over torchrun ranks.
 
-    python -m memory3.memory.encode KB.jsonl --model MODEL --out BANK [--codec int8] [--batch-size 32]
+    python -m memory3.memory.encode KB.jsonl --model MODEL --out BANK [--codec int8] [--batch-size 64]
     torchrun --nproc-per-node 4 -m memory3.memory.encode KB.jsonl --model MODEL --out BANK
 
 Each line of KB.jsonl is an object {"id": str | int, "text": str, "source": str (optional)}.
@@ -31,6 +31,7 @@ from memory3.memory.encoder import encode_texts
 from memory3.memory.manifest import MANIFEST, MemoryShape
 
 APPEND_BATCH = 256  # references per bank commit (a crash loses at most this much work)
+EMBED_BATCH = 128  # the embedder runs 2-3x faster per text at 128 than at 16-32 on a CPU
 
 
 @dataclass
@@ -121,7 +122,7 @@ def open_or_create_bank(out, model, tokenizer, embedder, codec: str) -> Bank:
                        device="cpu", dtype=model.dtype)
 
 
-def encode_into(bank: Bank, model, tokenizer, embedder, records: list[KBRecord], *, batch_size: int = 32,
+def encode_into(bank: Bank, model, tokenizer, embedder, records: list[KBRecord], *, batch_size: int = 64,
                 progress: bool = True, stats: EncodeStats | None = None) -> EncodeStats:
     """Encode the records that `bank` lacks (new ids or changed texts) and append them (a
     learned codec not yet trained trains on the first batch)."""
@@ -138,7 +139,7 @@ def encode_into(bank: Bank, model, tokenizer, embedder, records: list[KBRecord],
                 t0 = time.perf_counter()
                 memories = encode_texts(model, tokenizer, texts, batch_size=batch_size, progress=False)
                 t1 = time.perf_counter()
-                embeddings = embedder.embed(texts, batch_size=max(batch_size, 32))
+                embeddings = embedder.embed(texts, batch_size=EMBED_BATCH)
                 t2 = time.perf_counter()
                 bank.append([r.id for r in todo], texts, memories.float().cpu(), embeddings=embeddings,
                             sources=[r.source for r in todo], tokens=[tokenizer.reference_ids(t, c.ref_len) for t in texts])
@@ -151,7 +152,7 @@ def encode_into(bank: Bank, model, tokenizer, embedder, records: list[KBRecord],
     return stats
 
 
-def encode_knowledge_base(kb, out, model, tokenizer, embedder, *, codec: str = "int8", batch_size: int = 32,
+def encode_knowledge_base(kb, out, model, tokenizer, embedder, *, codec: str = "int8", batch_size: int = 64,
                           progress: bool = True) -> tuple[Bank, EncodeStats]:
     """One process: KB (a jsonl path or a list of KBRecord) -> the bank at `out`."""
     records = read_knowledge_base(kb) if isinstance(kb, (str, Path)) else list(kb)
@@ -176,7 +177,7 @@ def shard_slice(n: int, rank: int, world: int) -> slice:
     return slice(n * rank // world, n * (rank + 1) // world)
 
 
-def encode_distributed(kb, out, model, tokenizer, embedder, *, codec: str = "int8", batch_size: int = 32,
+def encode_distributed(kb, out, model, tokenizer, embedder, *, codec: str = "int8", batch_size: int = 64,
                        progress: bool = True) -> EncodeStats | None:
     """Run on every rank of an initialized torch.distributed group; rank 0 returns after the
     merge with the merged bank at `out` (other ranks return their own stats)."""
