@@ -66,6 +66,11 @@ def test_encode_info_generate_in_process(encoded, capsys):
         assert len(bank) == N_REFS and bank.manifest.codec["name"] == "int8"
         assert bank.references([3])[0].id == "p3" and bank.references([3])[0].source == "test"
     capsys.readouterr()
+    # re-running adds nothing; a different codec for an existing bank is refused
+    assert main(["encode", str(encoded / "kb.jsonl"), "--model", "tiny", "--out", str(bank_dir), "--quiet"]) == 0
+    assert "0 references encoded (24 unchanged)" in capsys.readouterr().err
+    rc = main(["encode", str(encoded / "kb.jsonl"), "--model", "tiny", "--out", str(bank_dir), "--codec", "fp16"])
+    assert_user_error(rc, capsys.readouterr().err, "stores codec int8, not fp16")
     assert main(["bank", "info", str(bank_dir), "--json", "--model", "tiny"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["live"] == N_REFS and info["model_matches"] is True and info["codec"] == "int8"

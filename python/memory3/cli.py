@@ -106,8 +106,11 @@ def load_model_arg(name: str, *, device: str = "cpu", quiet: bool = False):
 
 
 def load_embedder(name: str, *, device: str | None = None):
+    from transformers.utils import logging as hf_logging
+
     from memory3.retrieval import Embedder
 
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar is noise on every command
     return Embedder(name, device=device)
 
 
@@ -189,7 +192,8 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
     _add_model(p)
     p.add_argument("--out", required=True, metavar="BANK",
                    help="bank directory: created, or appended to when it holds a bank of the same model")
-    p.add_argument("--codec", default="int8", choices=codec_names(), help="how memories are stored (default int8)")
+    p.add_argument("--codec", default=None, choices=codec_names(),
+                   help="how memories are stored (default int8 for a new bank; an existing bank keeps its own)")
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="references per model forward (default 64)")
     p.add_argument("--embedder", default=DEFAULT_EMBEDDER, metavar="E",
                    help=f"retrieval embedder: {DEFAULT_EMBEDDER} (shipped, offline) or a local sentence-transformers "
@@ -209,13 +213,14 @@ def add_encode(sub) -> None:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from memory3.memory.encode import encode_knowledge_base, read_knowledge_base
+    from memory3.memory.encode import check_existing_bank, encode_knowledge_base, read_knowledge_base
     from memory3.retrieval import Retriever
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     records = read_knowledge_base(args.kb)  # a bad file fails before anything loads
     model, tokenizer = load_model_arg(args.model)
+    check_existing_bank(args.out, model, None, args.codec)  # fail before the (slow) embedder loads
     embedder = load_embedder(args.embedder)
     t0 = time.perf_counter()
     bank, stats = encode_knowledge_base(records, args.out, model, tokenizer, embedder, codec=args.codec,

@@ -102,18 +102,32 @@ def read_knowledge_base(path: str | Path) -> list[KBRecord]:
     return records
 
 
-def open_or_create_bank(out, model, tokenizer, embedder, codec: str) -> Bank:
-    """The bank at `out`: opened for appending when it exists (it must be this model's),
-    else created for this model, codec and embedder."""
+def check_existing_bank(out, model, embedder_spec: dict | None, codec: str | None) -> bool:
+    """True when `out` holds a bank this encode may append to; raises when it cannot (another
+    model, embedder or codec). False when there is no bank yet."""
     from memory3.model import fingerprint
 
     out = Path(out)
-    if (out / MANIFEST).exists():
-        bank = Bank.open(out, writable=True, expect_fingerprint=fingerprint(model), device="cpu", dtype=model.dtype)
-        if bank.embedder != embedder.spec():
-            bank.close()
-            raise ValueError(f"memory bank {out} was embedded with {bank.embedder}, not {embedder.spec()}")
-        return bank
+    if not (out / MANIFEST).exists():
+        return False
+    with Bank.open(out, expect_fingerprint=fingerprint(model), device="cpu", verify=False) as bank:
+        if embedder_spec is not None and bank.embedder != embedder_spec:
+            raise ValueError(f"memory bank {out} was embedded with {bank.embedder}, not {embedder_spec}")
+        if codec is not None and codec != bank.codec.name:
+            raise ValueError(f"memory bank {out} stores codec {bank.codec.name}, not {codec} (omit --codec to append to it)")
+    return True
+
+
+def open_or_create_bank(out, model, tokenizer, embedder, codec: str | None = None) -> Bank:
+    """The bank at `out`: opened for appending when it exists (it must be this model's, and
+    `codec`, when given, its codec), else created for this model, codec (default int8) and
+    embedder."""
+    from memory3.model import fingerprint
+
+    out = Path(out)
+    if check_existing_bank(out, model, embedder.spec(), codec):
+        return Bank.open(out, writable=True, expect_fingerprint=fingerprint(model), device="cpu", dtype=model.dtype)
+    codec = codec or "int8"
     if codec not in codec_names():
         raise ValueError(f"unknown codec {codec!r}; codecs: {', '.join(codec_names())}")
     c = model.config
@@ -152,7 +166,7 @@ def encode_into(bank: Bank, model, tokenizer, embedder, records: list[KBRecord],
     return stats
 
 
-def encode_knowledge_base(kb, out, model, tokenizer, embedder, *, codec: str = "int8", batch_size: int = 64,
+def encode_knowledge_base(kb, out, model, tokenizer, embedder, *, codec: str | None = None, batch_size: int = 64,
                           progress: bool = True) -> tuple[Bank, EncodeStats]:
     """One process: KB (a jsonl path or a list of KBRecord) -> the bank at `out`."""
     records = read_knowledge_base(kb) if isinstance(kb, (str, Path)) else list(kb)
@@ -177,7 +191,7 @@ def shard_slice(n: int, rank: int, world: int) -> slice:
     return slice(n * rank // world, n * (rank + 1) // world)
 
 
-def encode_distributed(kb, out, model, tokenizer, embedder, *, codec: str = "int8", batch_size: int = 64,
+def encode_distributed(kb, out, model, tokenizer, embedder, *, codec: str | None = None, batch_size: int = 64,
                        progress: bool = True) -> EncodeStats | None:
     """Run on every rank of an initialized torch.distributed group; rank 0 returns after the
     merge with the merged bank at `out` (other ranks return their own stats)."""
