@@ -8,7 +8,8 @@ read rate and the host copy rate measured in the same run, and bytes per memory 
 Workload: batches of 160 row ids (32 sequences x 5 memories, one chunk each), either drawn
 uniformly (a cold working set: the cache cannot help) or with 60% of each batch repeated from
 the previous one (adjacent chunks retrieving the same references, PAPER §3.3). A batch is
-gathered into dense bf16 [L, 2, 160, Hkv, M, D] on the mode's device. Modes: mmap cold
+gathered (Bank.gather_layers) into dense bf16 [160, Hkv, M, D] keys and values per layer on
+the mode's device. Modes: mmap cold
 (pages evicted with posix_fadvise before the pass: the disk is read), mmap warm (page
 cache), gpu (all arrays on the device; host RAM without CUDA) and pinned (host arrays, LRU
 cache on the device). Stored bytes/s = memories/s x stored bytes per memory, compared with
@@ -52,13 +53,13 @@ def sync(device) -> None:
 
 
 def build(path: Path, codec: str, shape: MemoryShape, n: int, seed: int = 0) -> Path:
-    """A bank of n random memories (keys/values ~ N(0, 1)), written 64 at a time."""
+    """A bank of n random memories (keys/values ~ N(0, 1)), written 128 at a time."""
     g = torch.Generator().manual_seed(seed)
     with Bank.create(path, shape=shape, fingerprint="bench", codec=codec) as bank:
         if make_codec(codec, shape).needs_training():
             bank.train_codec(torch.randn(min(n, 256), *shape.memory, generator=g))
-        for start in range(0, n, 64):
-            k = min(64, n - start)
+        for start in range(0, n, 128):
+            k = min(128, n - start)
             bank.append([str(start + i) for i in range(k)], [str(start + i) for i in range(k)],
                         torch.randn(k, *shape.memory, generator=g).bfloat16())
     return path
@@ -117,11 +118,11 @@ def workloads(n: int, batches: int, seed: int = 1) -> dict[str, list[torch.Tenso
 
 
 def run_pass(bank: Bank, batches: list[torch.Tensor]) -> float:
-    """memories/s over one pass of the batches."""
+    """memories/s over one pass of the batches (gather_layers: the per-layer fast path)."""
     sync(bank.device)
     t0 = time.perf_counter()
     for ids in batches:
-        bank.gather(ids)
+        bank.gather_layers(ids)
     sync(bank.device)
     return len(batches) * IDS_PER_BATCH / (time.perf_counter() - t0)
 
@@ -131,28 +132,26 @@ def measure(path: Path, codec: str, batches: int, cache_size: int) -> list[Resul
     files = shard_files(path)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    out = []
     with Bank.open(path, mode="mmap", device=device, cache_size=0) as probe:
         n, per_memory = probe.rows, probe.bytes_per_memory()
-    for workload, ids in workloads(n, batches).items():
-        cases = [("mmap cold", "mmap", 0, True), ("mmap warm", "mmap", 0, False),
-                 ("gpu" if cuda else "all in RAM (gpu mode, cpu)", "gpu", 0, False),
-                 ("pinned + cache" if cuda else "host + cache (pinned mode, cpu)", "pinned", cache_size, False)]
-        for label, mode, cache, cold in cases:
-            with Bank.open(path, mode=mode, device=device, cache_size=cache, verify=False) as bank:
-                bank.gather(ids[0][:1])  # loads the arrays (gpu/pinned) before the clock
+    work = workloads(n, batches)
+    cases = [("mmap cold", "mmap", 0, True), ("mmap warm", "mmap", 0, False),
+             ("gpu" if cuda else "all in RAM (gpu mode, cpu)", "gpu", 0, False),
+             ("pinned + cache" if cuda else "host + cache (pinned mode, cpu)", "pinned", cache_size, False)]
+    out = []
+    for label, mode, cache, cold in cases:
+        with Bank.open(path, mode=mode, device=device, cache_size=cache, verify=False) as bank:
+            bank.gather_layers(torch.tensor([0]))  # loads the arrays (gpu/pinned) before the clock
+            for workload, ids in work.items():
                 if cold:
                     evict(files)
                     rate = run_pass(bank, ids)
                 else:
                     run_pass(bank, ids)  # warm-up pass: page cache, allocator
-                    rates = []
-                    for _ in range(3):  # each pass starts with an empty cache: hits come from reuse within it
-                        bank.cache_clear()
-                        rates.append(run_pass(bank, ids))
-                    rate = sorted(rates)[1]
+                    bank.cache_clear()  # then a pass from an empty cache: hits come from reuse within it
+                    rate = run_pass(bank, ids)
                 hit = bank.cache_stats().hit_rate if cache else None
-            out.append(Result(codec, label, workload, rate, rate * per_memory / 1e9, hit))
+                out.append(Result(codec, label, workload, rate, rate * per_memory / 1e9, hit))
     return out
 
 
@@ -178,9 +177,9 @@ def test_bank_gather(benchmark, tmp_path):
     build(tmp_path / "bank", "int8", shape, 256)
     ids = workloads(256, 1)["uniform"][0]
     with Bank.open(tmp_path / "bank", mode="mmap", device="cpu", cache_size=0) as bank:
-        benchmark.group = "bank gather 160 memories"
-        out = benchmark(bank.gather, ids)
-    assert out.shape == (shape.layers, 2, IDS_PER_BATCH, *shape.layer)
+        benchmark.group = "bank gather_layers 160 memories"
+        out = benchmark(bank.gather_layers, ids)
+    assert len(out) == shape.layers and out[0][0].shape == (IDS_PER_BATCH, *shape.layer)
 
 
 def main() -> None:
@@ -188,10 +187,13 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(PRESETS), default="paper")
     parser.add_argument("--memories", type=int, default=512, help="memories in each bank")
     parser.add_argument("--codecs", default="bf16,int8", help="comma-separated codecs to read")
-    parser.add_argument("--batches", type=int, default=6, help=f"batches of {IDS_PER_BATCH} ids per pass")
+    parser.add_argument("--batches", type=int, default=4, help=f"batches of {IDS_PER_BATCH} ids per pass")
     parser.add_argument("--cache", type=int, default=1024, help="cache size (memories) of the pinned mode")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--dir", default=None, help="where to write the banks (default: a temporary directory)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shape = PRESETS[args.shape]
     print(f"# bank read path — shape {args.shape} {shape.memory}, {args.memories} memories, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}\n")

@@ -134,23 +134,24 @@ def test_layer_bank_refuses_gather_only_codecs(tmp_path):
 def test_cache_is_lru_and_reports_hit_rate():
     loads = []
 
-    def load(rows):
+    def load(rows):  # one layer whose memory of row r is filled with r (keys) and -r (values)
         loads.append(rows.tolist())
-        return rows.float()[None, None, :, None, None, None].expand(1, 2, -1, 1, 1, 1).clone()
+        x = rows.float()[:, None, None, None].expand(-1, 1, 1, 1).clone()
+        return [(x, -x)]
 
     cache = MemoryCache(3, (1, 2, 1, 1, 1), "cpu", torch.float32)
-    out = cache.fetch(torch.tensor([5, 6, 7]), load)
-    assert out[0, 0, :, 0, 0, 0].tolist() == [5, 6, 7]
+    (k, v), = cache.fetch(torch.tensor([5, 6, 7]), load)
+    assert k.flatten().tolist() == [5, 6, 7] and v.flatten().tolist() == [-5, -6, -7]
     cache.fetch(torch.tensor([5]), load)  # 5 becomes the most recent: 6 is now least recent
-    out = cache.fetch(torch.tensor([8, 7]), load)  # evicts 6
-    assert out[0, 1, :, 0, 0, 0].tolist() == [8, 7]
+    (k, v), = cache.fetch(torch.tensor([7, 8]), load, order=torch.tensor([1, 0, -1, 1]))  # evicts 6
+    assert v.flatten().tolist() == [-8, -7, 0, -8]
     cache.fetch(torch.tensor([5, 7, 8]), load)  # all hits
     cache.fetch(torch.tensor([6]), load)  # a miss again: it was evicted
     assert loads == [[5, 6, 7], [8], [6]]
     s = cache.stats()
     assert (s.hits, s.misses, s.used, s.capacity) == (5, 5, 3, 3) and s.hit_rate == 0.5
-    out = cache.fetch(torch.tensor([1, 2, 3, 4]), load)  # more than fits: read through
-    assert loads[-1] == [1, 2, 3, 4] and out[0, 0, :, 0, 0, 0].tolist() == [1, 2, 3, 4]
+    (k, v), = cache.fetch(torch.tensor([1, 2, 3, 4]), load)  # more than fits: read through
+    assert loads[-1] == [1, 2, 3, 4] and k.flatten().tolist() == [1, 2, 3, 4]
     assert "hit rate" in str(cache.stats())
 
 

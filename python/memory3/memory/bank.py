@@ -479,46 +479,52 @@ class Bank:
             raise ValueError(f"ids must be row ids in [0, {self.rows}) or -1 (empty slot), got {bad}")
         return flat
 
-    def _decode(self, rows: Tensor) -> Tensor:
-        """Read and decode rows (int64 [n], CPU; -1 = a zero row): [L, 2, n, Hkv, M, D] on device."""
+    def _decode(self, rows: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Read and decode rows (int64 [n], CPU; -1 = a zero row): per layer (k, v), each
+        [n, Hkv, M, D] on the device. Rows of one shard come straight from the codec's op."""
         parts = self._load_parts()
         valid = rows >= 0
         shard_of = torch.searchsorted(self._starts, rows.clamp(min=0), right=True) - 1
         used = shard_of[valid].unique().tolist()
-        whole = len(used) == 1 and bool(valid.all())  # decode straight into place
-        alloc = torch.empty if whole else torch.zeros
-        out = alloc((self.shape.layers, 2, rows.numel(), *self.shape.layer), dtype=self.dtype, device=self.device)
-        for p in used:
-            mask = valid & (shard_of == p)
-            sel = None if whole else mask.nonzero().squeeze(1).to(self.device)
-            local = (rows if whole else rows[mask]) - self._starts[p]
-            for layer in range(self.shape.layers):
+        whole = len(used) == 1 and bool(valid.all())
+        out = []
+        for layer in range(self.shape.layers):
+            kv = None if whole else [torch.zeros((rows.numel(), *self.shape.layer), dtype=self.dtype, device=self.device)
+                                     for _ in range(2)]
+            for p in used:
+                mask = valid & (shard_of == p)
+                local = (rows if whole else rows[mask]) - self._starts[p]
                 arrays = {name: per[p] for name, per in parts[layer].items()}
                 k, v = self.codec.decode(layer, arrays, local.to(arrays["k"].device), self.dtype)
-                for i, x in enumerate((k, v)):
-                    x = x.to(self.device, non_blocking=True)
-                    out[layer, i].copy_(x) if whole else out[layer, i].index_copy_(0, sel, x)
+                k, v = k.to(self.device, non_blocking=True), v.to(self.device, non_blocking=True)
+                if whole:
+                    kv = [k, v]
+                else:
+                    sel = mask.nonzero().squeeze(1).to(self.device)
+                    kv[0].index_copy_(0, sel, k)
+                    kv[1].index_copy_(0, sel, v)
+            out.append((kv[0], kv[1]))
         return out
 
-    def gather(self, ids) -> Tensor:
+    def gather_layers(self, ids) -> list[tuple[Tensor, Tensor]]:
         """Dense memories of row ids (any shape, -1 = empty slot -> zeros), through the cache:
-        [L, 2, *ids.shape, Hkv, M, D] of the bank's dtype on its device (mem[l, 0] are layer l's
-        keys). Works for every codec and loading mode."""
+        per memory layer (k, v), each [*ids.shape, Hkv, M, D] of the bank's dtype on its device.
+        Works for every codec and loading mode; the fast path (no stacking copy)."""
         ids_t = ids if isinstance(ids, Tensor) else torch.as_tensor(ids)
         flat = self._check_ids(ids_t)
-        shape = (self.shape.layers, 2, *ids_t.shape, *self.shape.layer)
+        shape = (*ids_t.shape, *self.shape.layer)
         valid = flat >= 0
         if not bool(valid.any()):
-            return torch.zeros(shape, dtype=self.dtype, device=self.device)
+            return [tuple(torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2))
+                    for _ in range(self.shape.layers)]
         uniq, inverse = torch.unique(flat[valid], return_inverse=True)
         order = torch.full_like(flat, -1)
         order[valid] = inverse
-        return self._cache.fetch(uniq, self._decode, order).reshape(shape)
+        return [(k.reshape(shape), v.reshape(shape)) for k, v in self._cache.fetch(uniq, self._decode, order)]
 
-    def gather_layers(self, ids) -> list[tuple[Tensor, Tensor]]:
-        """gather() split per memory layer: [(k, v)] with k, v [*ids.shape, Hkv, M, D]."""
-        mem = self.gather(ids)
-        return [(mem[l, 0], mem[l, 1]) for l in range(self.shape.layers)]
+    def gather(self, ids) -> Tensor:
+        """gather_layers stacked: [L, 2, *ids.shape, Hkv, M, D] (mem[l, 0] are layer l's keys)."""
+        return torch.stack([torch.stack(kv) for kv in self.gather_layers(ids)])
 
     def cache_stats(self) -> CacheStats:
         """Capacity, use, hits, misses and hit rate of the cache of decoded memories."""

@@ -52,10 +52,11 @@ class MemoryCache:
         self._slot.clear()
         self.hits = self.misses = 0
 
-    def fetch(self, rows: Tensor, load: Callable[[Tensor], Tensor], order: Tensor | None = None) -> Tensor:
-        """Memories of the distinct row ids `rows` (int64 [n], CPU) as [L, 2, n, Hkv, M, D], or
-        with `order` (int64 [k], indices into rows, -1 = a zero memory) as [L, 2, k, ...].
-        `load(rows)` (rows may hold -1) decodes what the cache does not hold."""
+    def fetch(self, rows: Tensor, load: Callable[[Tensor], list], order: Tensor | None = None) -> list[tuple[Tensor, Tensor]]:
+        """Memories of the distinct row ids `rows` (int64 [n], CPU), per layer (k, v) each
+        [n, Hkv, M, D]; with `order` (int64 [k], indices into rows, -1 = a zero memory) each
+        [k, Hkv, M, D]. `load(rows)` (rows may hold -1) decodes what the cache does not hold,
+        in the same per-layer form."""
         order = torch.arange(rows.numel()) if order is None else order
         n = rows.numel()
         if n > self.capacity:  # no cache, or a working set larger than it: read through
@@ -71,31 +72,37 @@ class MemoryCache:
                 slots[i] = s
         self.hits += n - len(missing)
         self.misses += len(missing)
-        if self._store is None:
-            L, two, Hkv, M, D = self._shape
-            self._store = torch.empty((L, two, self.capacity, Hkv, M, D), dtype=self.dtype, device=self.device)
+        L, two, Hkv, M, D = self._shape
+        if self._store is None:  # per layer [2, capacity, Hkv, M, D]: k and v banks of slots
+            self._store = [torch.empty((two, self.capacity, Hkv, M, D), dtype=self.dtype, device=self.device) for _ in range(L)]
         if missing:
             free = self.capacity - len(self._slot)
             new_slots = list(range(len(self._slot), len(self._slot) + min(free, len(missing))))
             while len(new_slots) < len(missing):  # evict the least recently used (none of this batch:
                 _, s = self._slot.popitem(last=False)  # its hits were just moved to the end)
                 new_slots.append(s)
+            new_slots.sort()  # misses fill runs of consecutive slots: copied as slices
             miss_rows = rows[missing]
             for r, s in zip(miss_rows.tolist(), new_slots):
                 self._slot[r] = s
             for i, s in zip(missing, new_slots):
                 slots[i] = s
-            data = load(miss_rows).to(self.device, self.dtype)
-            where = torch.tensor(new_slots, device=self.device)
-            for l in range(data.shape[0]):
-                for kv in range(2):
-                    self._store[l, kv].index_copy_(0, where, data[l, kv])
-        slot_t = torch.tensor(slots)
-        idx = torch.where(order >= 0, slot_t[order.clamp(min=0)], -1).to(self.device)
-        L, two, Hkv, M, D = self._shape
-        out = torch.empty((L, two, idx.numel(), Hkv, M, D), dtype=self.dtype, device=self.device)
-        for l in range(L):  # the gather op: row copies, -1 -> zeros
-            k, v = gather_rows(self._store[l, 0], self._store[l, 1], idx, self.dtype)
-            out[l, 0].copy_(k)
-            out[l, 1].copy_(v)
-        return out
+            runs = _runs(new_slots)
+            for store, kv in zip(self._store, load(miss_rows)):
+                for i in range(2):
+                    x = kv[i].to(self.device, self.dtype)
+                    for first, j, n_run in runs:  # index_copy_ is ~10x slower than slice copies here
+                        store[i, first : first + n_run].copy_(x[j : j + n_run])
+        idx = torch.where(order >= 0, torch.tensor(slots)[order.clamp(min=0)], -1).to(self.device)
+        return [gather_rows(store[0], store[1], idx, self.dtype) for store in self._store]  # row copies, -1 -> 0
+
+
+def _runs(sorted_slots: list[int]) -> list[tuple[int, int, int]]:
+    """(first slot, first index, length) of each run of consecutive slots."""
+    runs = []
+    for j, s in enumerate(sorted_slots):
+        if runs and runs[-1][0] + runs[-1][2] == s:
+            runs[-1][2] += 1
+        else:
+            runs.append([s, j, 1])
+    return [tuple(r) for r in runs]
