@@ -25,7 +25,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import torch
 
 from memory3.memory.bank import Bank

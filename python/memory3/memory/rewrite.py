@@ -19,13 +19,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from memory3.memory import shards
 from memory3.memory.bank import Bank
 from memory3.memory.cache import MemoryCache
 from memory3.memory.codecs import Codec, make_codec
 from memory3.memory.errors import BankError
 from memory3.memory.manifest import Manifest, MemoryShape
-from memory3.memory.meta import MetaStore
 
 
 def _replace_rows(bank: Bank, manifest: Manifest, codec: Codec, batches, total: int, desc: str, progress: bool = True) -> None:
