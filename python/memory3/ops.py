@@ -3,7 +3,7 @@
 Each op has a typed wrapper that checks its arguments and raises a ValueError naming the
 argument, a fake (meta) kernel so `torch.compile(fullgraph=True)` traces models that call
 it, and, where it is differentiable, autograd. The kernels live in csrc/ (CPU, CUDA); the
-executable spec is memory3.reference. Contracts: shared/DESIGN.md §3.
+executable spec is memory3.reference; the contracts are in README ("The ops").
 """
 from __future__ import annotations
 

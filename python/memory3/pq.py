@@ -1,8 +1,9 @@
 """Codebook training for the product-quantization codec (`pq`): batched k-means in torch.
 
-One 256-entry codebook per (KV head, sub-space), as DESIGN §3.3 specifies: vectors of one
-layer's bank [N, Hkv, M, D] are split into D / sub_dim sub-vectors and each (head, sub-space)
-gets its own k-means over its N * M sub-vectors.
+One 256-entry codebook per (KV head, sub-space), the layout quantize_memory and
+dequantize_memory read: vectors of one layer's bank [N, Hkv, M, D] are split into
+D / sub_dim sub-vectors and each (head, sub-space) gets its own k-means over its N * M
+sub-vectors. The one k-means of the project: tests and benchmarks train with it too.
 """
 from __future__ import annotations
 

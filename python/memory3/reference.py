@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of every memory3 op: the executable spec (shared/DESIGN.md §3).
+"""Pure-PyTorch reference of every memory3 op: the executable spec of the ops (README, "The ops").
 
 Written for clarity, not speed: attention materialises the full score matrix. Every backend
 (CPU, CUDA) is tested against these functions; attention here is differentiable by autograd,
