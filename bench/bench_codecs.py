@@ -18,9 +18,11 @@ from dataclasses import asdict, dataclass
 
 import pytest
 import torch
+import verify
 from timing import median_time
 
 import memory3  # noqa: F401  (loads memory3._C)
+from memory3.pq import train_pq_codebook
 from memory3.reference import dequantize_memory_ref, quantize_memory_ref
 
 quantize_memory = torch.ops.memory3.quantize_memory
@@ -40,27 +42,13 @@ class Shape:
     ids: int = 160  # memories per dequantize call
 
 
-def pq_codebook(x: torch.Tensor, dsub: int = PQ_DSUB, iters: int = 5, seed: int = 0) -> torch.Tensor:
-    """A few Lloyd iterations per (head, sub-space) from 256 data points: [Hkv, D/dsub, 256, dsub]."""
-    N, Hkv, M, D = x.shape
-    pts = x.float().permute(1, 0, 2, 3).reshape(Hkv, N * M, D // dsub, dsub).transpose(1, 2)  # [Hkv, nsub, P, dsub]
-    g = torch.Generator().manual_seed(seed)
-    cent = pts[:, :, torch.randperm(N * M, generator=g)[:256]].clone()
-    for _ in range(iters):
-        assign = torch.cdist(pts, cent).argmin(-1)
-        sums = torch.zeros_like(cent).scatter_add_(2, assign[..., None].expand_as(pts), pts)
-        counts = torch.zeros(cent.shape[:3]).scatter_add_(2, assign, torch.ones_like(assign, dtype=torch.float32))
-        cent = torch.where(counts[..., None] > 0, sums / counts.clamp(min=1)[..., None], cent)
-    return cent.contiguous()
-
-
 @functools.lru_cache(maxsize=1)
 def make_bank(shape: Shape = Shape(), seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(bank bf16 [N, Hkv, M, D], pq codebook trained on its first 512 memories, ids [ids])."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn((shape.N, shape.Hkv, shape.M, shape.D), generator=g, dtype=torch.bfloat16)
     ids = torch.randperm(shape.N, generator=g)[: shape.ids].to(torch.int32)
-    return x, pq_codebook(x[:512]), ids
+    return x, train_pq_codebook(x[:512], sub_dim=PQ_DSUB, iters=5), ids
 
 
 @functools.lru_cache(maxsize=3)
@@ -70,16 +58,22 @@ def make_codes(codec: str, shape: Shape = Shape()) -> tuple[torch.Tensor, torch.
     return quantize_memory(x, codec, cb if codec == "pq" else None)
 
 
-# Each args helper runs the kernel and the reference once before handing the arguments to
-# a timer: glibc serves a buffer from fresh mmap'd pages (a page fault per 4 KB) until a
-# larger buffer has been freed, so whichever path ran first would pay the allocator's warm-up.
+# Each args helper runs the kernel and the reference once and checks that they agree before
+# handing the arguments to a timer. (Running both first also matters for timing: glibc serves
+# a buffer from fresh mmap'd pages, a page fault per 4 KB, until a larger buffer has been
+# freed, so whichever path ran first would pay the allocator's warm-up.)
 
 
 @functools.lru_cache(maxsize=3)
 def quantize_args(codec: str, shape: Shape = Shape()) -> tuple:
     x, cb, _ = make_bank(shape)
     args = (x[: shape.encode], codec, cb if codec == "pq" else None)
-    quantize_memory(*args), quantize_memory_ref(*args)
+    (codes, meta), (ref_codes, ref_meta) = quantize_memory(*args), quantize_memory_ref(*args)
+    if codec == "pq":
+        verify.pq_codes("quantize_memory pq", codes, ref_codes)
+        verify.exact("quantize_memory pq", (meta,), (ref_meta,))
+    else:
+        verify.exact(f"quantize_memory {codec}", (codes, meta), (ref_codes, ref_meta))
     return args
 
 
@@ -87,7 +81,7 @@ def quantize_args(codec: str, shape: Shape = Shape()) -> tuple:
 def dequantize_args(codec: str, shape: Shape = Shape()) -> tuple:
     codes, meta = make_codes(codec, shape)
     args = (codes, meta, codec, make_bank(shape)[2], torch.bfloat16)
-    dequantize_memory(*args), dequantize_memory_ref(*args)
+    verify.exact(f"dequantize_memory {codec}", (dequantize_memory(*args),), (dequantize_memory_ref(*args),))
     return args
 
 

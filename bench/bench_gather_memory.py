@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 import pytest
 import torch
+import verify
 from timing import median_time
 
 import memory3  # noqa: F401  (loads memory3._C)
@@ -39,9 +40,10 @@ class Shape:
 def make_inputs(bank: str, shape: Shape = Shape(), seed: int = 0) -> tuple:
     """(mem_k, mem_v, ids, out_dtype, mem_k_scale, mem_v_scale) for gather_memory.
 
-    Both paths run once here, before any timing: glibc serves a buffer from fresh mmap'd
-    pages (a page fault per 4 KB, here ~2 ms per call) until a larger buffer has been
-    freed, so whichever path ran first would otherwise pay for the allocator's warm-up."""
+    Both paths run once here, before any timing, and their answers must agree bit for bit.
+    (Running both first also matters for timing: glibc serves a buffer from fresh mmap'd
+    pages, a page fault per 4 KB, here ~2 ms per call, until a larger buffer has been
+    freed, so whichever path ran first would otherwise pay for the allocator's warm-up.)"""
     g = torch.Generator().manual_seed(seed)
     dims = (shape.N, shape.Hkv, shape.M, shape.D)
     ids = torch.randperm(shape.N, generator=g)[: shape.ids].to(torch.int32)
@@ -54,7 +56,7 @@ def make_inputs(bank: str, shape: Shape = Shape(), seed: int = 0) -> tuple:
         args = (mk, mv, ids, torch.bfloat16, ks, vs)
     else:
         raise ValueError(f"bank must be one of {BANKS}, got {bank!r}")
-    gather_memory(*args), gather_memory_ref(*args)
+    verify.exact(f"gather_memory {bank}", gather_memory(*args), gather_memory_ref(*args))
     return args
 
 

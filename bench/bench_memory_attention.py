@@ -19,6 +19,7 @@ import sys
 
 import pytest
 import torch
+import verify
 from timing import median_time
 
 from memory3 import ops
@@ -27,8 +28,8 @@ from memory3.testing import AttentionCase
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Issue 2's targets: decode and prefill at B=4, Hq=8, Hkv=2, D=64, 5 memories x 8 tokens per
-# 64-token chunk; plus the paper's head shape (Hq=40, Hkv=8, D=80) at a CPU-sized batch.
+# Decode and prefill at B=4, Hq=8, Hkv=2, D=64, 5 memories x 8 tokens per 64-token chunk;
+# plus the paper's head shape (Hq=40, Hkv=8, D=80) at a CPU-sized batch.
 PRESETS = {
     "decode": AttentionCase(B=4, T=1, S=2048, Hq=8, Hkv=2, D=64, N=1000, M=8, R=5, chunk_size=64,
                             chunk_start=0, empty_slot_frac=0.0),
@@ -53,8 +54,28 @@ def training_step(call, args: dict, grads: dict):
     """Forward + backward through out, for q, k, v and the bank (the trainer's case)."""
     out, _ = call(args)
     torch.autograd.backward(out, grads["dout"])
-    for name in ("q", "k", "v", "mem_k", "mem_v"):
+    for name in LEAVES:
         args[name].grad = None
+
+
+BANK = ("mem_k", "mem_v")
+LEAVES = ("q", "k", "v", *BANK)
+
+
+def check_against_reference(name: str, args: dict, backward: bool = False) -> None:
+    """Once, before timing: the kernel's out and lse (and, for backward, the gradients of q,
+    k, v and the bank) agree with the reference computed in float32."""
+    with torch.no_grad():
+        out, lse = kernel_call(args)
+        ref_out, ref_lse = reference_call(args)
+    verify.attention_output(name, out, ref_out)
+    verify.lse(name, lse, ref_lse)
+    if backward:
+        leaves = [args[n] for n in LEAVES]
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out.dtype)
+        got = torch.autograd.grad(kernel_call(args)[0], leaves, dout)
+        want = torch.autograd.grad(reference_call(args)[0], leaves, dout)
+        verify.relative(name + " backward", got, want, 1e-3 if out.dtype == torch.float32 else 2e-2)
 
 
 def flops(case: AttentionCase) -> float:
@@ -102,6 +123,7 @@ def measure(preset: str, dtype: str = "float32", with_memory: bool = True, backw
     With backward=True the times are of forward + backward (gradients for q, k, v, bank)."""
     case = dataclasses.replace(PRESETS[preset], dtype=DTYPES[dtype])
     args = case.make(requires_grad=backward)
+    check_against_reference(f"memory_attention {preset} {dtype}", args, backward)
     if backward:
         grads = {"dout": torch.randn(case.B, case.T, case.Hq, case.D).to(case.dtype)}
         kernel_s = median_time(lambda: training_step(kernel_call, args, grads), budget_s=2.0)
@@ -133,7 +155,9 @@ def measure(preset: str, dtype: str = "float32", with_memory: bool = True, backw
 @pytest.mark.parametrize("preset", ["decode", "prefill"])
 def test_memory_attention(benchmark, preset, impl):
     benchmark.group = f"memory_attention {preset}"
-    benchmark(kernel_call if impl == "kernel" else reference_call, PRESETS[preset].make())
+    args = PRESETS[preset].make()
+    check_against_reference(f"memory_attention {preset}", args)
+    benchmark(kernel_call if impl == "kernel" else reference_call, args)
 
 
 def main() -> None:

@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine (device tool): build memory3._C with the CUDA path, report
 # what nvcc embedded, run the tests (CUDA tests included; they skip elsewhere) and the
-# benchmarks, and print the short table last. Full logs go under $OUT.
+# benchmarks (each checks its answer against the reference before timing), and print the
+# short table last. Full logs go under $OUT. Exits non-zero when the build, a test or a
+# benchmark fails; the benchmarks still run after failed tests, for the record.
 #
 #   device run: bash bench/gpu.sh          (carry .whl when wheels such as nvidia-cutlass
 #                                           are needed there: see third_party/README.md)
-set -uo pipefail
+set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
-    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
-nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
+nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed: see $OUT/nvidia-smi.txt"
 
 echo "== build (CUDA on)"
 start=$(date +%s)
@@ -27,7 +29,15 @@ echo "built in $(( $(date +%s) - start )) s"
 memory3 info | tee "$OUT/info.txt"
 
 echo "== tests"
-python3 -m pytest -q tests 2>&1 | tee "$OUT/tests.log" | tail -5
+tests=0
+python3 -m pytest -q tests >"$OUT/tests.log" 2>&1 || tests=$?
+tail -15 "$OUT/tests.log"
 
 echo "== benchmarks"
-python3 bench/table.py 2>&1 | tee "$OUT/table.md"
+python3 bench/table.py >"$OUT/table.md" 2>&1 || { tail -30 "$OUT/table.md"; exit 1; }
+cat "$OUT/table.md"
+
+if [ "$tests" -ne 0 ]; then
+  echo "tests failed (pytest exit $tests): see $OUT/tests.log" >&2
+  exit "$tests"
+fi

@@ -3,7 +3,7 @@
     python bench/table.py            # all rows (about a minute on 2 cores)
     python bench/table.py --quick    # fewer repetitions, no peak-memory subprocesses
 
-Rows: memory_attention presets (decode and prefill at issue 2's target shape, the paper's
+Rows: memory_attention presets (decode and prefill at B=4, Hq=8, Hkv=2, D=64, the paper's
 head shape), gather_memory from a bf16 and an int8 bank, and each codec's quantize and
 gather+dequantize. Ratios are measured in this run, on this machine.
 """
