@@ -1,6 +1,11 @@
 """Builds `memory3._C` with CMake against the torch that is already installed.
 
+    pip install torch==2.13.0 cmake ninja setuptools wheel
     pip install --no-build-isolation -e .
+
+CMake and Ninja come from their PyPI packages (the first line; pyproject.toml lists them
+as build requirements, which --no-build-isolation does not install); without them the
+build falls back to the cmake/ninja on PATH and says so.
 
 Environment knobs:
   MEMORY3_WITH_CUDA=0/1   force the CUDA kernels off/on (default: on when torch has CUDA and
@@ -8,6 +13,8 @@ Environment knobs:
   MEMORY3_BUILD_TYPE      CMake build type (default Release)
   MAX_JOBS                parallel compile jobs
 """
+from __future__ import annotations
+
 import os
 import shutil
 import subprocess
@@ -18,6 +25,28 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+
+
+def _tool(name: str) -> str | None:
+    """The cmake/ninja binary of its PyPI package, else the one on PATH (None if neither)."""
+    try:
+        if name == "cmake":
+            import cmake
+
+            folder = cmake.CMAKE_BIN_DIR
+        else:
+            import ninja
+
+            folder = ninja.BIN_DIR
+        path = Path(folder) / name
+        if path.exists():
+            return str(path)
+    except ImportError:
+        pass
+    found = shutil.which(name)
+    if found:
+        print(f"memory3: the {name} package is not installed; using {found} (pip install {name})")
+    return found
 
 
 def _want_cuda() -> bool:
@@ -53,13 +82,15 @@ class CMakeBuild(build_ext):
             f"-DMEMORY3_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
             f"-DMEMORY3_VERSION={self.distribution.get_version()}",
         ]
-        if shutil.which("ninja"):
-            args.append("-GNinja")
-        subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
+        cmake = _tool("cmake")
+        if cmake is None:
+            sys.exit("memory3: CMake >= 3.22 is needed to build: pip install cmake ninja")
+        ninja = _tool("ninja")
+        if ninja:
+            args += ["-GNinja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+        subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 2))
-        subprocess.run(
-            ["cmake", "--build", str(build_dir), "--config", build_type, "-j", jobs], check=True
-        )
+        subprocess.run([cmake, "--build", str(build_dir), "--config", build_type, "-j", jobs], check=True)
         # CMake writes into the persistent build folder; setuptools wants the file where
         # get_ext_fullpath says (it copies it into the package for editable installs).
         target.parent.mkdir(parents=True, exist_ok=True)
