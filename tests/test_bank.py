@@ -181,6 +181,8 @@ def test_same_text_is_a_no_op_and_a_changed_text_replaces(tmp_path):
     old, fresh = bank.references([1, 40])
     assert old.deleted and old.text == "text 1" and not fresh.deleted and fresh.text == "changed"
     assert fresh.tokens is None and bank.references([2])[0].tokens == [2, 3] and bank.references([2])[0].source == "src2"
+    bank.append(["t"], ["tensor tokens"], memories(1).requires_grad_(), embeddings=torch.zeros(1, 5), tokens=[torch.tensor([7, 8, 9])])
+    assert bank.references(bank.lookup(["t"]))[0].tokens == [7, 8, 9]
 
 
 def test_delete_then_compact(tmp_path):

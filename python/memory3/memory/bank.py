@@ -323,12 +323,12 @@ class Bank(BankReader):
             return AppendResult(0, 0, n, rows)
         replaced = [have[ids[i]][0] for i in todo if ids[i] in have]
         manifest = self.manifest
-        new = memories[todo]
+        new = memories[todo].detach().cpu()  # codecs encode on the host (the kernels every build has)
         if self.codec.needs_training():
             self.codec.train(new)
             manifest = self._save_codec_state(manifest)
         encoded = [self.codec.encode(l, new[:, l, 0], new[:, l, 1]) for l in range(self.shape.layers)]
-        manifest, crcs = self._write_rows(manifest, self.codec, encoded, None if embeddings is None else embeddings[todo])
+        manifest, crcs = self._write_rows(manifest, self.codec, encoded, None if embeddings is None else embeddings[todo].detach().cpu())
         first = self.rows
         now = time.time()
         for k, i in enumerate(todo):

@@ -44,7 +44,12 @@ def text_hash(text: str) -> str:
 
 
 def tokens_to_blob(tokens) -> bytes | None:
-    return None if tokens is None else np.asarray(list(tokens), dtype="<i4").tobytes()
+    """Token ids (a list, tuple, numpy array or 1-D tensor) as int32 little-endian bytes."""
+    if tokens is None:
+        return None
+    if hasattr(tokens, "tolist"):
+        tokens = tokens.tolist()
+    return np.asarray(list(tokens), dtype="<i4").tobytes()
 
 
 def blob_to_tokens(blob: bytes | None) -> list[int] | None:
