@@ -11,7 +11,8 @@ Decoding goes through gather_rows / dequantize_rows: the compiled ops, or their 
 a device whose kernel is not built yet (so a GPU bank works before its CUDA kernels land).
 
 Built in:  bf16 / fp16 / fp32 (raw), int8 (one scale per memory/head/token), int4 (groups of
-32 along D), pq (product quantization, codebooks trained on the bank's first append). Raw
+32 along D), pq (product quantization, codebooks trained on the bank's first append), vq
+(the paper's FAISS OPQ,Residual2x14,PQ8x10: memory/vq_codec.py, imported on first use). Raw
 and int8 banks are `in_place`: ops.memory_attention reads their rows by id directly
 (`layer_bank`). The others are read by gather + decode (ops.dequantize_memory with ids).
 
@@ -284,3 +285,4 @@ def make_codec(name: str, shape: MemoryShape, config: dict | None = None) -> Cod
 
 for _cls in (BF16Codec, FP16Codec, FP32Codec, Int8Codec, Int4Codec, PQCodec):
     register_codec(_cls.name, _cls)
+register_codec("vq", "memory3.memory.vq_codec:VQCodec")  # the paper's FAISS composite; imports FAISS on first use
