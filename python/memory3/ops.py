@@ -179,11 +179,13 @@ def memory_attention(
 
 
 # Fake kernels and setup_context see the op's arguments with trailing defaults left out,
-# so their signatures repeat the schema's defaults.
+# so their signatures repeat the schema's defaults. The checks have one home per face: the
+# wrappers above (traced too) and the C++ launchers (which run on the real tensors of a
+# compiled graph); fake kernels keep only what their output shapes need.
 def _attention_fake(
     q, k, v, mem_k, mem_v, mem_ids, kv_lens=None, chunk_size=64, chunk_start=0, scale=None, mem_k_scale=None, mem_v_scale=None
 ):
-    _check_attention(q, k, v, mem_k, mem_v, mem_ids, kv_lens, chunk_size, chunk_start, mem_k_scale, mem_v_scale)
+    _expect(q.dim() == 4, lambda: f"q must be [B, T, Hq, D], got {_shape(q)}")
     B, T, Hq, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, Hq, T), dtype=torch.float32)
 
@@ -267,7 +269,7 @@ def gather_memory(
 
 
 def _gather_fake(mem_k, mem_v, ids, out_dtype=None, mem_k_scale=None, mem_v_scale=None):
-    _check_gather(mem_k, mem_v, ids, out_dtype, mem_k_scale, mem_v_scale)
+    _expect(mem_k.dim() == 4, lambda: f"mem_k must be [N, Hkv, M, D], got {_shape(mem_k)}")
     shape = (*ids.shape, *mem_k.shape[1:])
     dtype = _gather_out_dtype(mem_k, out_dtype)
     return ids.new_empty(shape, dtype=dtype), ids.new_empty(shape, dtype=dtype)
@@ -346,7 +348,9 @@ def quantize_memory(
 
 
 def _quantize_fake(x, codec, codebook=None):
-    _check_quantize(x, codec, codebook)
+    _check_codec(codec)
+    _expect(x.dim() == 4, lambda: f"x must be [N, Hkv, M, D], got {_shape(x)}")
+    _expect(codec != "pq" or codebook is not None, lambda: "pq needs a codebook [Hkv, D / d_sub, 256, d_sub]")
     N, Hkv, M, D = x.shape
     if codec == "int8":
         return x.new_empty((N, Hkv, M, D), dtype=torch.int8), x.new_empty((N, Hkv, M), dtype=torch.float32)
@@ -394,7 +398,8 @@ def dequantize_memory(
 
 
 def _dequantize_fake(codes, meta, codec, ids=None, out_dtype=None):
-    _check_dequantize(codes, meta, codec, ids, out_dtype)
+    _check_codec(codec)
+    _expect(codes.dim() == 4, lambda: f"codes must be [N, Hkv, M, *], got {_shape(codes)}")
     N, Hkv, M, W = codes.shape
     D = {"int8": W, "int4": 2 * W, "pq": W * meta.shape[-1]}[codec]
     lead = tuple(ids.shape) if ids is not None else (N,)
