@@ -16,7 +16,8 @@ from memory3.memory.cache import CacheStats
 
 class BankReader:
     """Set by Bank.__init__: _parts (None until first read: [layer][array] -> per-shard
-    tensors), _starts (first row of each part), _read_lock (a threading.Lock)."""
+    tensors), _starts (first row of each part), _joined (layer -> its arrays as single
+    tensors, for layer_bank), _read_lock (a threading.Lock)."""
 
     def _load_parts(self) -> list[dict[str, list[Tensor]]]:
         if self._parts is None:
@@ -35,7 +36,7 @@ class BankReader:
             starts = [0]
             for s in self.manifest.shards[:-1] if self.mode == "mmap" else []:
                 starts.append(starts[-1] + s["rows"])
-            self._parts, self._starts = parts, torch.tensor(starts)
+            self._parts, self._starts, self._joined = parts, torch.tensor(starts), {}
         return self._parts
 
     def stored_rows(self, rows: Tensor) -> list[dict[str, Tensor]]:
@@ -59,12 +60,13 @@ class BankReader:
         """mem_k, mem_v, mem_k_scale, mem_v_scale of one memory layer, to pass to
         ops.memory_attention(..., **bank.layer_bank(layer)) with mem_ids = row ids. Only for
         in-place codecs (bf16/fp16/fp32/int8); an mmap bank of several shards is concatenated
-        into host memory here."""
+        into host memory here, once per layer."""
         if not 0 <= layer < self.shape.layers:
             raise ValueError(f"layer must be in [0, {self.shape.layers}), got {layer}")
         per = self._load_parts()[layer]
-        arrays = {name: p[0] if len(p) == 1 else torch.cat(p) for name, p in per.items()}
-        return self.codec.layer_bank(arrays)
+        if layer not in self._joined:
+            self._joined[layer] = {name: p[0] if len(p) == 1 else torch.cat(p) for name, p in per.items()}
+        return self.codec.layer_bank(self._joined[layer])
 
     def _check_ids(self, ids: Tensor) -> Tensor:
         if not isinstance(ids, Tensor):
