@@ -210,3 +210,15 @@ def test_bf16_autocast_step(tokenizer, tmp_path):
         assert all(h["memory"] for h in t.history)
         losses[precision] = [h["loss"] for h in t.history]
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02)
+
+
+def test_init_for_training_scales_with_fan_in(tokenizer):
+    from memory3.train.init import init_for_training
+    model = init_for_training(Memory3Model(Memory3Config.preset("small", vocab_size=512)), seed=3)
+    wq, w2 = model.layers[0].attention.wq.weight, model.layers[0].feed_forward.w2.weight
+    assert wq.std().item() == pytest.approx(wq.shape[1] ** -0.5, rel=0.05)
+    assert w2.std().item() == pytest.approx(w2.shape[1] ** -0.5, rel=0.05)
+    assert model.tok_embeddings.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert torch.equal(model.layers[0].attention_norm.weight, torch.ones_like(model.layers[0].attention_norm.weight))
+    again = init_for_training(Memory3Model(Memory3Config.preset("small", vocab_size=512)), seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))

@@ -2,13 +2,15 @@
 
 A checkpoint folder ``step_000123/`` holds::
 
-    model.safetensors       the model's state dict
-    optimizer.safetensors   AdamW state as tensors "state.<param index>.<name>" (+ torch RNG)
-    state.json              step, model config, train config, optimizer hyperparameters,
-                            loss history (for the loss-curve PNG)
+    model.safetensors       the model's state dict (full, unsharded)
+    optimizer.safetensors   AdamW state as tensors "state.<param index>.<name>" (torch's
+                            numbering: position over the param groups); plus "rng.torch"
+    state.json              step, model config, train config, optimizer param groups, loss
+                            history (for the loss-curve PNG)
 
-Nothing is pickled, so a checkpoint from an untrusted source can be loaded safely. The data
-order needs no saved state: every batch is a pure function of (seed, step, micro, rank).
+Nothing is pickled, so a checkpoint from an untrusted source can be loaded safely. The same
+files serve one process, DDP and FSDP runs. The data order needs no saved state: every
+batch is a pure function of (seed, step, micro, rank).
 """
 from __future__ import annotations
 
@@ -23,37 +25,30 @@ from safetensors.torch import load_file, save_file
 STATE_FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """(tensors, param_groups without params) of an optimizer's state dict."""
-    sd = optimizer.state_dict()
+def flatten_optimizer_state(optim_state: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """A torch optimizer state dict (int-keyed) -> (tensors, param groups)."""
     tensors: dict[str, torch.Tensor] = {}
-    for index, state in sd["state"].items():
+    for index, state in optim_state["state"].items():
         for name, value in state.items():
             t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-            tensors[f"state.{index}.{name}"] = t.detach().cpu().contiguous()
-    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, groups
+            tensors[f"state.{int(index)}.{name}"] = t.detach().cpu().contiguous()
+    return tensors, [dict(g) for g in optim_state["param_groups"]]
 
 
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                           groups: list[dict]) -> None:
-    current = optimizer.state_dict()
-    if len(groups) != len(current["param_groups"]) or any(
-            len(g["params"]) != len(c["params"]) for g, c in zip(groups, current["param_groups"])):
-        raise ValueError("checkpoint optimizer state does not match this model's parameters")
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dict:
     state: dict[int, dict] = {}
     for key, value in tensors.items():
+        if key.startswith("rng."):
+            continue
         parts = key.split(".")
         if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit():
-            if key.startswith("rng."):
-                continue
             raise ValueError(f"unexpected tensor {key!r} in optimizer.safetensors")
         state.setdefault(int(parts[1]), {})[parts[2]] = value
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
 
 
-def save_checkpoint(folder: str | Path, *, model_state: dict[str, torch.Tensor],
-                    optimizer: torch.optim.Optimizer, state: dict) -> Path:
+def save_checkpoint(folder: str | Path, *, model_state: dict[str, torch.Tensor], optim_state: dict,
+                    state: dict) -> Path:
     """Write a checkpoint atomically (into a temp folder, then rename)."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
@@ -61,7 +56,7 @@ def save_checkpoint(folder: str | Path, *, model_state: dict[str, torch.Tensor],
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, tmp / "model.safetensors")
-    tensors, groups = optimizer_tensors(optimizer)
+    tensors, groups = flatten_optimizer_state(optim_state)
     tensors["rng.torch"] = torch.get_rng_state()
     save_file(tensors, tmp / "optimizer.safetensors")
     (tmp / "state.json").write_text(json.dumps({**state, "optimizer_groups": groups}, indent=2) + "\n")
@@ -71,10 +66,9 @@ def save_checkpoint(folder: str | Path, *, model_state: dict[str, torch.Tensor],
     return folder
 
 
-def load_checkpoint(folder: str | Path, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Load weights (and optimizer state, torch RNG) into ``model`` / ``optimizer``; return
-    the state.json dict."""
+def read_checkpoint(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(model state, optimizer state dict, state.json) of a checkpoint, on the CPU; restores
+    the torch RNG."""
     folder = Path(folder)
     missing = [f for f in STATE_FILES if not (folder / f).is_file()]
     if missing:
@@ -83,15 +77,12 @@ def load_checkpoint(folder: str | Path, model: torch.nn.Module,
         state = json.loads((folder / "state.json").read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{folder / 'state.json'} is not valid JSON ({e})") from None
-    device = next(model.parameters()).device
-    weights = load_file(folder / "model.safetensors", device=str(device))
-    model.load_state_dict(weights, strict=True)
-    if optimizer is not None:
-        tensors = load_file(folder / "optimizer.safetensors", device=str(device))
-        load_optimizer_tensors(optimizer, tensors, state["optimizer_groups"])
-        if "rng.torch" in tensors:
-            torch.set_rng_state(tensors["rng.torch"].cpu())
-    return state
+    if not isinstance(state, dict) or not isinstance(state.get("optimizer_groups"), list):
+        raise ValueError(f"{folder / 'state.json'} lacks the optimizer's param groups")
+    tensors = load_file(folder / "optimizer.safetensors")
+    if "rng.torch" in tensors:
+        torch.set_rng_state(tensors["rng.torch"])
+    return load_file(folder / "model.safetensors"), unflatten_optimizer_state(tensors, state["optimizer_groups"]), state
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -18,6 +18,7 @@ from memory3.train.schedule import SCHEDULES
 
 RECIPES = ("warmup", "continual", "single-stage")
 PRECISIONS = ("auto", "fp32", "bf16")
+PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass
@@ -37,6 +38,8 @@ class TrainConfig:
     eps: float = 1e-8
     clip: float = 1.0
     precision: str = "auto"       # auto: bf16 autocast on CUDA, fp32 on CPU
+    parallel: str = "ddp"         # with several ranks: DDP, or FSDP (parameters, gradients and
+                                  # optimizer state sharded; one unit around encoder + model)
     seed: int = 0
     checkpoint_every: int = 0     # 0: only at the end
     keep_checkpoints: int = 2
@@ -60,6 +63,8 @@ class TrainConfig:
             raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name in ("steps", "batch_size", "seq_len", "log_every", "keep_checkpoints"):

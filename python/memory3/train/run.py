@@ -27,6 +27,7 @@ from memory3.model.weights import from_pretrained, save_pretrained
 from memory3.train.config import RECIPES, TrainConfig
 from memory3.train.data import TokenShards, corpus_to_shards, read_documents
 from memory3.train.distributed import DistInfo, barrier, init_distributed
+from memory3.train.init import init_for_training
 from memory3.train.synthetic import SyntheticConfig, SyntheticKnowledgeBase, biography, questions
 from memory3.train.tasks import ContinualTask, SyntheticRecipe, SyntheticTask, WarmupTask
 from memory3.train.trainer import Trainer
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f, kind in (("steps", int), ("batch_size", int), ("micro_batch", int), ("seq_len", int), ("lr", float),
                     ("schedule", str), ("warmup_frac", float), ("decay_frac", float), ("min_lr_ratio", float),
                     ("weight_decay", float), ("clip", float), ("precision", str), ("seed", int),
-                    ("checkpoint_every", int), ("rag_share", float), ("max_memories", int),
+                    ("checkpoint_every", int), ("parallel", str), ("rag_share", float), ("max_memories", int),
                     ("curriculum_frac", float), ("rag_references", int), ("right_first", float),
                     ("questions_per_sample", int), ("leak_threshold", float), ("ref_window", int)):
         t.add_argument("--" + f.replace("_", "-"), type=kind, dest="tc_" + f)
@@ -98,8 +99,8 @@ def make_model(args, tokenizer: Memory3Tokenizer) -> Memory3Model:
             raise ValueError("--model-json cannot change a model loaded from a directory")
         return from_pretrained(args.model)
     overrides.setdefault("vocab_size", tokenizer.vocab_size)
-    torch.manual_seed(0)  # every rank starts from the same weights
-    return Memory3Model(Memory3Config.preset(args.model, **overrides))
+    model = Memory3Model(Memory3Config.preset(args.model, **overrides))
+    return init_for_training(model, seed=0)  # the same weights on every rank
 
 
 def text_retriever(texts: list[str]):
@@ -159,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(model, make_task, config, out, dist=dist, resume=not args.no_resume,
                       progress=not args.no_progress)
     summary = trainer.fit()
+    model = trainer.export_model()
     if dist.is_main:
         save_pretrained(model, out / "model", tokenizer)
         if args.recipe == "single-stage" and args.eval_people:

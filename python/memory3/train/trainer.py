@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from memory3.memory.encoder import encode_references
 from memory3.model import Memories, Memory3Model
-from memory3.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from memory3.train.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
 from memory3.train.config import TrainConfig
 from memory3.train.distributed import DistInfo, all_reduce_sum, barrier
 from memory3.train.schedule import lr_at
@@ -68,7 +68,13 @@ class Trainer:
         self.micro_batch, self.accum = config.layout(dist.world_size)
         self.task = make_task(dist.rank, dist.world_size, self.micro_batch)
         loss_model = LossModel(self.model)
-        if dist.enabled:
+        self.fsdp = dist.enabled and config.parallel == "fsdp"
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard
+            # One unit: the encoder runs the memory layers' submodules outside Block calls,
+            # so per-block units would never be gathered for it.
+            fully_shard(loss_model)
+        elif dist.enabled:
             loss_model = nn.parallel.DistributedDataParallel(
                 loss_model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
         self.loss_model = loss_model
@@ -80,8 +86,7 @@ class Trainer:
         self.step, self.history = 0, []
         found = latest_checkpoint(self.out_dir) if resume else None
         if found is not None:
-            state = load_checkpoint(found, self.model, self.optimizer)
-            self.step, self.history = state["step"], state["history"]
+            self.load(found)
 
     # ------------------------------------------------------------------ one optimizer step
 
@@ -99,7 +104,11 @@ class Trainer:
         total = torch.zeros((), device=self.dist.device)
         for m, b in enumerate(batches):
             last = m == self.accum - 1
-            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.loss_model.no_sync()
+            sync = contextlib.nullcontext()
+            if self.fsdp:
+                self.loss_model.set_requires_gradient_sync(last)
+            elif self.dist.enabled and not last:
+                sync = self.loss_model.no_sync()
             with sync:
                 with self.autocast():
                     loss_sum = self.loss_model(b.tokens, b.targets, b.refs, b.ref_lens, b.mem_ids)
@@ -107,7 +116,10 @@ class Trainer:
                 (loss_sum * (self.dist.world_size / n_targets)).backward()
             total += loss_sum.detach().float()
         loss = all_reduce_sum(total, self.dist).item() / n_targets
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), c.clip).item() if c.clip > 0 else float("nan")
+        grad_norm = float("nan")
+        if c.clip > 0:
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), c.clip)
+            grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         memory = batches[0].refs is not None
@@ -145,15 +157,65 @@ class Trainer:
                 "seconds": elapsed, "steps_per_s": steps / elapsed if steps else 0.0,
                 "tokens_per_s": tokens / elapsed if steps else 0.0, "out_dir": str(self.out_dir)}
 
+    def _param_names(self) -> list[str]:
+        """Names (in self.model) of the optimizer's parameters, in torch's numbering."""
+        name_of = {id(p): n for n, p in self.model.named_parameters()}
+        return [name_of[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+
+    def full_state(self) -> tuple[dict, dict]:
+        """(model state, int-keyed optimizer state), unsharded, on the CPU (every rank must
+        call it under FSDP; rank 0 gets the tensors)."""
+        if not self.fsdp:
+            return self.model.state_dict(), self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        msd, osd = get_state_dict(self.loss_model, self.optimizer,
+                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.dist.is_main:  # cpu_offload gathers onto rank 0 only
+            return {}, {}
+        index = {"model." + n: i for i, n in enumerate(self._param_names())}
+        groups = [{**g, "params": [index[f] for f in g["params"]]} for g in osd["param_groups"]]
+        return ({k.removeprefix("model."): v for k, v in msd.items()},
+                {"state": {index[f]: s for f, s in osd["state"].items()}, "param_groups": groups})
+
+    def export_model(self) -> Memory3Model | None:
+        """The trained model with plain (unsharded) weights: the model itself unless FSDP
+        shards it, then a copy on rank 0 (None on the other ranks; all must call)."""
+        if not self.fsdp:
+            return self.model
+        state, _ = self.full_state()
+        if not self.dist.is_main:
+            return None
+        model = Memory3Model(self.model.config)
+        model.load_state_dict(state, strict=True)
+        return model.to(self.dist.device)
+
+    def load(self, folder: Path) -> None:
+        model_state, optim_state, state = read_checkpoint(folder)
+        if not self.fsdp:
+            self.model.load_state_dict({k: v.to(self.dist.device) for k, v in model_state.items()}, strict=True)
+            names = self._param_names()
+            if len(optim_state["state"]) > len(names):
+                raise ValueError(f"{folder}: optimizer state does not match this model's parameters")
+            self.optimizer.load_state_dict(optim_state)
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+            fqn = ["model." + n for n in self._param_names()]
+            osd = {"state": {fqn[i]: s for i, s in optim_state["state"].items()},
+                   "param_groups": [{**g, "params": [fqn[i] for i in g["params"]]} for g in optim_state["param_groups"]]}
+            set_state_dict(self.loss_model, self.optimizer, model_state_dict={"model." + k: v for k, v in model_state.items()},
+                           optim_state_dict=osd, options=StateDictOptions(full_state_dict=True))
+        self.step, self.history = state["step"], state["history"]
+
     def save(self) -> None:
         """Checkpoint ``step_NNNNNN`` (rank 0 writes; all ranks wait), the loss curve, and
         drop checkpoints beyond ``keep_checkpoints``."""
+        model_state, optim_state = self.full_state()
         if self.dist.is_main:
             extra = self.on_checkpoint(self.step) if self.on_checkpoint else {}
             state = {"step": self.step, "model_config": self.model.config.to_dict(),
                      "train_config": self.config.to_dict(), "history": self.history, **extra}
-            save_checkpoint(self.out_dir / f"step_{self.step:06d}", model_state=self.model.state_dict(),
-                            optimizer=self.optimizer, state=state)
+            save_checkpoint(self.out_dir / f"step_{self.step:06d}", model_state=model_state,
+                            optim_state=optim_state, state=state)
             for old in sorted(self.out_dir.glob("step_*"))[:-self.config.keep_checkpoints]:
                 if old.is_dir() and not old.name.endswith(".tmp"):
                     shutil.rmtree(old)
