@@ -108,3 +108,13 @@ def test_window_sampler_is_deterministic_and_splits_ranks(tmp_path, tokenizer):
         WindowSampler(shards, 16, 3, rank=2, world_size=2)
     with pytest.raises(ValueError, match="fewer than seq_len"):
         WindowSampler(shards, len(shards), 3)
+
+
+def test_memory3_tokenizer_shards(tmp_path):
+    """The model's own tokenizer (Memory3Tokenizer) works as well, its hash checked."""
+    from memory3.model.tokenizer import train_bpe
+    tok = train_bpe(DOCS, 400)
+    shards = write_token_shards(DOCS, tok, tmp_path, eos_id=tok.eos_id, progress=False)
+    assert shards.window(0, len(shards)).tolist() == [i for d in DOCS for i in tok.encode(d) + [tok.eos_id]]
+    shards.check_tokenizer(tok)
+    shards.check_tokenizer(tok.tokenizer)

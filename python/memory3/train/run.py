@@ -86,6 +86,8 @@ def tokenizer_texts(kb: SyntheticKnowledgeBase, data: list[str], n_samples: int 
 def shared_tokenizer(args, out: Path, kb: SyntheticKnowledgeBase, dist: DistInfo) -> Memory3Tokenizer:
     """The run's tokenizer: given, found in the run folder, or trained by rank 0."""
     path = Path(args.tokenizer) if args.tokenizer else out / "tokenizer.json"
+    if not args.tokenizer and Path(args.model).is_dir():  # continue with the model's own tokenizer
+        path = Path(args.model) / "tokenizer.json"
     if not path.exists() and dist.is_main:
         train_bpe(tokenizer_texts(kb, args.data), args.vocab).save(path)
     barrier(dist)
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             make_task = lambda r, w, m: WarmupTask(shards, mc, seq_len=config.seq_len, micro_batch=m,  # noqa: E731
                                                     seed=config.seed, rank=r, world_size=w)
         else:
-            refs = [row["text"] for row in read_documents(args.knowledge_base)] if args.knowledge_base \
+            refs = list(read_documents(args.knowledge_base)) if args.knowledge_base \
                 else [r["text"] for r in kb.references()]
             ref_ids = [tokenizer.reference_ids(t, mc.ref_len) for t in refs]
             retriever = text_retriever(refs)

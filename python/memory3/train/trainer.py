@@ -123,8 +123,11 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         memory = batches[0].refs is not None
-        return {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
-                "targets": n_targets, "memory": memory}
+        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
+                  "targets": n_targets, "memory": memory}
+        if hasattr(self.task, "skipped_leaks"):  # continual stage: references the 0.9 filter dropped so far
+            record["skipped_leaks"] = self.task.skipped_leaks
+        return record
 
     # ------------------------------------------------------------------ the loop
 
