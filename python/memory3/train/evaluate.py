@@ -25,10 +25,12 @@ MODES = ("none", "memory", "rag")
 @torch.no_grad()
 def exact_match(model: Memory3Model, tokenizer: Memory3Tokenizer, kb: SyntheticKnowledgeBase,
                 people: Sequence[Person], *, mode: str = "memory", n_refs: int = 1, wrong: bool = False,
-                batch_size: int = 64, seed: int = 0) -> float:
+                right_first: bool = False, batch_size: int = 64, seed: int = 0) -> float:
     """Share of the people's questions answered exactly. ``mode``: "none" (no memory),
     "memory" (n_refs memories) or "rag" (n_refs biographies before the question). ``wrong``:
-    the right biography left out (n_refs others only), the control of TRAINING.md."""
+    the right biography left out (n_refs others only), the control of TRAINING.md.
+    ``right_first``: the right one in slot 0 (a retriever's top-1; matters with ranked
+    memory positions), else the order is shuffled."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if n_refs < 1:
@@ -47,6 +49,9 @@ def exact_match(model: Memory3Model, tokenizer: Memory3Tokenizer, kb: SyntheticK
             if p.name != right.name and p not in shown:
                 shown.append(p)
         rng.shuffle(shown)
+        if right_first and not wrong and shown:
+            shown.remove(right)
+            shown.insert(0, right)
         items.append((q, shown))
     was_training = model.training
     model.eval()

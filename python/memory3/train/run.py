@@ -167,20 +167,26 @@ def main(argv: list[str] | None = None) -> int:
         save_pretrained(model, out / "model", tokenizer)
         if args.recipe == "single-stage" and args.eval_people:
             summary["heldout_exact_match"] = evaluate_synthetic(model, tokenizer, kb, args.eval_people,
-                                                                config.max_memories)
+                                                                config.max_memories, config.right_first is not None)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(json.dumps(summary, indent=2))
     barrier(dist)
     return 0
 
 
-def evaluate_synthetic(model, tokenizer, kb, n_people: int, max_memories: int) -> dict:
+def evaluate_synthetic(model, tokenizer, kb, n_people: int, max_memories: int, right_first: bool = False) -> dict:
     """TRAINING.md's table on held-out people: no memory, 1 and max_memories memories
-    (right among others), max_memories wrong memories, RAG with 1 biography."""
+    (right among others, shuffled; and right first when trained so), max_memories wrong
+    memories, RAG with 1 and max_memories biographies, and the type-only ceiling."""
     from memory3.train.evaluate import exact_match
     people = kb.heldout_people[:n_people]
     score = lambda **kw: round(exact_match(model, tokenizer, kb, people, **kw), 4)  # noqa: E731
-    return {"no_memory": score(mode="none"), "memory_1": score(mode="memory", n_refs=1),
-            f"memory_{max_memories}": score(mode="memory", n_refs=max_memories),
-            f"wrong_{max_memories}": score(mode="memory", n_refs=max_memories, wrong=True),
-            "rag_1": score(mode="rag", n_refs=1)}
+    from memory3.train.synthetic import simulated_type_only_ceiling
+    k = max_memories
+    out = {"no_memory": score(mode="none"), "memory_1": score(mode="memory", n_refs=1),
+           f"memory_{k}": score(mode="memory", n_refs=k), f"wrong_{k}": score(mode="memory", n_refs=k, wrong=True),
+           "rag_1": score(mode="rag", n_refs=1), f"rag_{k}": score(mode="rag", n_refs=k),
+           f"type_only_ceiling_{k}": round(simulated_type_only_ceiling(k), 4)}
+    if right_first:
+        out[f"memory_{k}_right_first"] = score(mode="memory", n_refs=k, right_first=True)
+    return out
