@@ -222,3 +222,17 @@ def test_init_for_training_scales_with_fan_in(tokenizer):
     assert torch.equal(model.layers[0].attention_norm.weight, torch.ones_like(model.layers[0].attention_norm.weight))
     again = init_for_training(Memory3Model(Memory3Config.preset("small", vocab_size=512)), seed=3)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--recipe", "warmup"], "--data is required"),
+    (["--model-json", "{x"], "--model-json is not valid JSON"),
+    (["--steps", "0"], "steps must be > 0"),
+    (["--schedule", "linear"], "schedule must be one of"),
+])
+def test_cli_user_errors_are_one_line(tmp_path, capsys, argv, message):
+    from memory3.train.run import main
+    assert main(["--out", str(tmp_path / "run"), "--no-progress", "--n-train", "10", "--n-heldout", "2",
+                 "--n-names", "20", "--vocab", "300", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err

@@ -95,7 +95,10 @@ def shared_tokenizer(args, out: Path, kb: SyntheticKnowledgeBase, dist: DistInfo
 
 
 def make_model(args, tokenizer: Memory3Tokenizer) -> Memory3Model:
-    overrides = json.loads(args.model_json)
+    try:
+        overrides = json.loads(args.model_json)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--model-json is not valid JSON ({e})") from None
     if Path(args.model).is_dir():
         if overrides:
             raise ValueError("--model-json cannot change a model loaded from a directory")
@@ -115,13 +118,20 @@ def text_retriever(texts: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train; user mistakes (bad options, unreadable files) print one line and return 2."""
     args = build_parser().parse_args(argv)
-    overrides = {k[3:]: v for k, v in vars(args).items() if k.startswith("tc_") and v is not None}
     try:
-        config = TrainConfig.recipe_defaults(args.recipe, **overrides)
-    except ValueError as e:
+        return train_from_args(args)
+    except (ValueError, OSError) as e:  # json.JSONDecodeError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def train_from_args(args: argparse.Namespace) -> int:
+    overrides = {k[3:]: v for k, v in vars(args).items() if k.startswith("tc_") and v is not None}
+    config = TrainConfig.recipe_defaults(args.recipe, **overrides)
+    if args.recipe != "single-stage" and not args.data:
+        raise ValueError("--data is required for the warmup and continual recipes")
     if args.threads:
         torch.set_num_threads(args.threads)
     dist = init_distributed(args.device)
@@ -139,9 +149,6 @@ def main(argv: list[str] | None = None) -> int:
         make_task = lambda r, w, m: SyntheticTask(kb, tokenizer, mc, recipe=recipe, total_steps=config.steps,  # noqa: E731
                                                    micro_batch=m, seed=config.seed, rank=r, world_size=w)
     else:
-        if not args.data:
-            print("error: --data is required for the warmup and continual recipes", file=sys.stderr)
-            return 2
         if dist.is_main and not (out / "shards" / "manifest.json").exists():
             corpus_to_shards(args.data, tokenizer, out / "shards", eos_id=mc.eos_id)
         barrier(dist)
