@@ -236,3 +236,50 @@ def test_cli_user_errors_are_one_line(tmp_path, capsys, argv, message):
                  "--n-names", "20", "--vocab", "300", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+class NextTokenOracle(torch.nn.Module):
+    """Logits that put all mass on the true next token (shift=1) or on the current one
+    (shift=0): exact match must be 1 and 0."""
+
+    def __init__(self, config, shift):
+        super().__init__()
+        self.config, self.shift, self.seen = config, shift, []
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    @property
+    def device(self):
+        return self.anchor.device
+
+    def forward(self, tokens, memories=None):
+        self.seen.append(memories)
+        nxt = torch.roll(tokens, -self.shift, dims=1)
+        return torch.nn.functional.one_hot(nxt, self.config.vocab_size).float()
+
+
+def test_exact_match_harness(tokenizer, monkeypatch):
+    import memory3.train.evaluate as ev
+    config = tiny(tokenizer, ref_len=64)
+    encoded = []
+
+    def fake_encode(model, refs, lens):
+        encoded.append([tokenizer.decode(r[:int(n)].tolist()) for r, n in zip(refs, lens)])
+        return torch.zeros(len(refs), *config.memory_shape)
+    monkeypatch.setattr(ev, "encode_references", fake_encode)
+    people = KB.heldout_people[:4]
+    for mode in ("none", "memory", "rag"):
+        assert ev.exact_match(NextTokenOracle(config, 1), tokenizer, KB, people, mode=mode, n_refs=3) == 1.0
+        assert ev.exact_match(NextTokenOracle(config, 0), tokenizer, KB, people, mode=mode, n_refs=3) == 0.0
+    qs = KB.questions_for(people)
+    for wrong, right_first in ((False, False), (True, False), (False, True)):
+        encoded.clear()
+        oracle = NextTokenOracle(config, 1)
+        ev.exact_match(oracle, tokenizer, KB, people, mode="memory", n_refs=3, wrong=wrong, right_first=right_first)
+        bios = [b for batch in encoded for b in batch]
+        assert len(bios) == 3 * len(qs) and oracle.seen[0].ids.shape[2] == 3
+        for i, q in enumerate(qs):
+            shown = bios[3 * i:3 * i + 3]
+            right = KB.reference_text(KB.person(q.person_id))
+            assert (right in shown) != wrong
+            if right_first:
+                assert shown[0] == right
