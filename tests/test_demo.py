@@ -1,0 +1,122 @@
+"""`memory3 demo`: a --quick run completes and its report has every row and plot, with numbers
+that follow from what the run stored (not hard-coded); full-KV reuse of one reference is RAG."""
+import json
+import math
+import time
+
+import pytest
+import torch
+
+from memory3 import cli
+from memory3.model import Memory3Config, Memory3Model
+from memory3.model.tokenizer import Memory3Tokenizer
+from memory3.train.demo_eval import Answerer, FullKVStore
+from memory3.train.demo_report import PLOTS
+from memory3.train.init import init_for_training
+from memory3.train.synthetic import SyntheticConfig, SyntheticKnowledgeBase, type_only_ceiling
+from memory3.train.demo import DemoSizes
+
+ROWS = {(v, m, k) for v in ("parallel", "ranked") for m, k in
+        (("none", 0), ("memory", 1), ("memory", 5), ("rag", 1), ("rag", 5), ("fullkv", 1), ("fullkv", 5))}
+ROWS |= {("large", "none", 0)}
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "report"
+    t0 = time.perf_counter()
+    rc = cli.main(["demo", "--quick", "--out", str(out), "--threads", "1", "--quiet"])
+    assert rc == 0
+    return out, time.perf_counter() - t0
+
+
+def test_quick_run_writes_every_row_and_plot(quick, capsys):
+    out, _ = quick
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    assert {(r["variant"], r["mode"], r["k"]) for r in rows} == ROWS and len(rows) == len(ROWS)
+    for r in rows:
+        assert 0.0 <= r["accuracy"] <= 1.0
+        assert r["ttft_ms"] > 0 and 0 < r["prefill_ms"] <= r["ttft_ms"] and r["decode_tok_s"] > 0
+    for name in results["plots"]:
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+    assert set(PLOTS) <= set(results["plots"]) and {"loss_parallel.png", "loss_ranked.png"} <= set(results["plots"])
+    report = (out / "report.md").read_text()
+    for r in rows:
+        assert f"| {r['model']} | {r['method']} | {r['accuracy']:.3f} |" in report
+    for name in results["plots"]:
+        assert f"]({name})" in report
+    assert report.count("| yes |") + report.count("| **MISSED** |") == len(results["targets"]) == 14
+
+
+def test_numbers_follow_from_the_run(quick):
+    out, _ = quick
+    results = json.loads((out / "results.json").read_text())
+    get = {(r["variant"], r["mode"], r["k"]): r for r in results["rows"]}
+    sizes = DemoSizes.quick()
+    # bytes: int8 bank = codes + one float scale per (layer, k/v, head, token); full KV = bf16 of every
+    # layer for each token of the biography; RAG = its UTF-8 text
+    c = Memory3Config(**sizes.small)
+    L, Hkv, M, D = c.n_memory_layers, c.n_kv_heads, c.memory_tokens, c.head_dim
+    assert get[("parallel", "memory", 5)]["bytes_per_reference"] == L * 2 * Hkv * M * (D + 4)
+    assert results["codec_bytes"]["int8"] == L * 2 * Hkv * M * (D + 4)
+    assert results["codec_bytes"]["bf16"] == L * 2 * Hkv * M * D * 2
+    retrieval = json.loads((out / "stages" / "retrieval.json").read_text())
+    tok = Memory3Tokenizer.from_file(out / "tokenizer.json")
+    kb = SyntheticKnowledgeBase(SyntheticConfig(n_train=sizes.n_train, n_heldout=sizes.n_heldout,
+                                                n_names=sizes.n_names, seed=0))
+    used = sorted({i for ids in retrieval["ids"] for i in ids})
+    texts = [kb.reference_text(kb.person(i)) for i in used]
+    n_tokens = sum(len(tok.encode(" " + t)) for t in texts) / len(texts)
+    fullkv = get[("parallel", "fullkv", 5)]["bytes_per_reference"]
+    assert fullkv == pytest.approx(n_tokens * c.n_layers * 2 * Hkv * D * 2, rel=0.2)  # timing adds a few refs
+    assert get[("parallel", "rag", 1)]["bytes_per_reference"] == pytest.approx(
+        sum(len(t.encode()) for t in texts) / len(texts), rel=0.2)
+    # the type-only ceiling is recomputed from the stored retrieval
+    qs = kb.questions_for(kb.heldout_people[:sizes.eval_people])
+    assert retrieval["questions"] == len(qs)
+    assert retrieval["type_only_ceiling_5"] == pytest.approx(type_only_ceiling(kb, qs, retrieval["ids"]))
+    right = [q.person_id for q in qs]
+    assert retrieval["hit_at_5"] == pytest.approx(sum(r in ids for r, ids in zip(right, retrieval["ids"])) / len(qs))
+    # targets are judged from the rows
+    bank_vs_kv = [t for t in results["targets"] if t["target"].startswith("parallel: bytes")][0]
+    assert bank_vs_kv["met"] == (fullkv >= 10 * get[("parallel", "memory", 5)]["bytes_per_reference"])
+
+
+def test_rerun_resumes_finished_stages(quick, capsys):
+    out, first = quick
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*.json")}
+    assert len(stamps) == 10
+    t0 = time.perf_counter()
+    assert cli.main(["demo", "--quick", "--out", str(out), "--threads", "1"]) == 0
+    assert time.perf_counter() - t0 < first / 2
+    printed = capsys.readouterr().out
+    assert printed.count("done before, reusing") == 10 and "| explicit memory top-5 |" in printed
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*.json")}
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
+    assert cli.main(["demo", "--scale", "0", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("memory3: error: --scale") and "\n" not in err
+
+
+def test_full_kv_reuse_of_one_reference_equals_rag():
+    """One reference placed as precomputed key-values before the question is exactly RAG with
+    that reference as text (same tokens, same positions); the store must get both right."""
+    tok = Memory3Tokenizer.byte_level()
+    model = init_for_training(Memory3Model(Memory3Config.preset("tiny")), seed=1).eval()
+    bios = {0: "Kalomi was born in Oslo . Kalomi studied at Yale .", 1: "Bero worked for Acme ."}
+    store = FullKVStore(model, tok, dtype=torch.float32)
+    store.add(list(bios), list(bios.values()))
+    rows = torch.tensor([[0], [1]])
+    tails = [tok.encode(" Q: where was Kalomi born ? A: Oslo"), tok.encode(" Q: who employed Bero ? A: Acme")]
+    with torch.inference_mode():
+        rag, starts = Answerer(model, tok, "rag", 1, texts=bios).logits(rows, tails)
+        kv, kv_starts = Answerer(model, tok, "fullkv", 1, kv_store=store).logits(rows, tails)
+    assert kv_starts == [0, 0] and starts[0] == 2 + len(tok.encode(" " + bios[0]))
+    for b, tail in enumerate(tails):
+        torch.testing.assert_close(kv[b, :len(tail)], rag[b, starts[b]:starts[b] + len(tail)], atol=1e-4, rtol=1e-4)
+    none, _ = Answerer(model, tok, "none").logits(rows, tails)
+    assert not torch.allclose(none[0, :len(tails[0])], kv[0, :len(tails[0])], atol=1e-3)  # the reference matters
