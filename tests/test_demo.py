@@ -120,3 +120,38 @@ def test_full_kv_reuse_of_one_reference_equals_rag():
         torch.testing.assert_close(kv[b, :len(tail)], rag[b, starts[b]:starts[b] + len(tail)], atol=1e-4, rtol=1e-4)
     none, _ = Answerer(model, tok, "none").logits(rows, tails)
     assert not torch.allclose(none[0, :len(tails[0])], kv[0, :len(tails[0])], atol=1e-3)  # the reference matters
+
+
+def test_explicit_memory_reads_the_retrieved_rows_in_rank_order(tmp_path):
+    """Answerer("memory", k) gives the model bank rows [B, k] as memories in retrieval order
+    (ranked positions make the order visible): the same logits as the encoder's memories of
+    those references handed in directly, and different ones for the reversed order."""
+    from memory3.memory.bank import Bank
+    from memory3.memory.encoder import encode_texts
+    from memory3.memory.manifest import MemoryShape
+    from memory3.model import Memories
+
+    tok = Memory3Tokenizer.byte_level()
+    c = Memory3Config.preset("tiny", memory_positions="ranked")
+    model = init_for_training(Memory3Model(c), seed=2).eval()
+    texts = ["Kalomi was born in Oslo .", "Bero worked for Acme .", "Tina studied at Yale ."]
+    mem = encode_texts(model, tok, texts)  # [N, L, 2, Hkv, M, D]
+    bank = Bank.create(tmp_path / "bank", shape=MemoryShape(c.n_memory_layers, c.n_kv_heads, c.memory_tokens,
+                                                            c.head_dim), fingerprint=model.fingerprint(),
+                       codec="fp32", device="cpu", dtype=torch.float32)
+    bank.append(["a", "b", "c"], texts, mem.float())
+    rows = torch.tensor([[2, 0], [1, 2]])
+    tails = [tok.encode(" Q: where was Kalomi born ? A: Oslo"), tok.encode(" Q: who employed Bero ? A: Acme")]
+    with torch.inference_mode():
+        got, starts = Answerer(model, tok, "memory", 2, bank=bank).logits(rows, tails)
+        tokens = torch.full((2, got.shape[1]), c.pad_id)
+        for b, t in enumerate(tails):
+            tokens[b, :2 + len(t)] = torch.tensor([*c.prefix_ids, c.bos_id, *t])
+        ids = rows.to(torch.int32)[:, None].expand(2, 1, 2).contiguous()
+        want = model(tokens, Memories.from_stacked(mem, ids))
+        flipped = model(tokens, Memories.from_stacked(mem, ids.flip(-1).contiguous()))
+    bank.close()
+    assert starts == [2, 2]
+    for b, t in enumerate(tails):
+        torch.testing.assert_close(got[b, :2 + len(t)], want[b, :2 + len(t)], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got[0, :2 + len(tails[0])], flipped[0, :2 + len(tails[0])], atol=1e-3)
