@@ -26,7 +26,9 @@ TORCH_LIBRARY(memory3, m) {
   // codec: int8 | int4 | pq. pq needs its codebook [Hkv, D / d_sub, 256, d_sub] (trained by
   // memory3.ops.train_pq_codebook); meta is the scale (int8), scale+zero (int4) or codebook.
   m.def("quantize_memory(Tensor x, str codec, Tensor? codebook=None) -> (Tensor codes, Tensor meta)");
-  // Inverse of quantize_memory; with ids, gathers rows first (-1 gives zero rows).
+  // Inverse of quantize_memory; with ids, gathers rows first (-1 gives zero rows). Also decodes
+  // codec vq (FAISS OPQ,Residual2x14,PQ8x10, encoded in Python): meta float32
+  // [1 + D + 2^coarse_bits + 2^pq_bits, D], layout in python/memory3/vq.py.
   m.def(
       "dequantize_memory(Tensor codes, Tensor meta, str codec, Tensor? ids=None, "
       "ScalarType? out_dtype=None) -> Tensor");

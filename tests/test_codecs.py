@@ -237,7 +237,7 @@ def test_dequantize_bad_input():
     c4, m4 = quantize_memory(x, "int4")
     cpq, mpq = quantize_memory(x, "pq", torch.randn(2, 2, 256, 8))
     cases = [
-        (lambda: dequantize_memory(c8, m8, "fp8"), "codec must be one of int8, int4, pq; got 'fp8'"),
+        (lambda: dequantize_memory(c8, m8, "fp8"), "codec must be one of int8, int4, pq, vq; got 'fp8'"),
         (lambda: dequantize_memory(c8.float(), m8, "int8"), "codes must be int8 for codec int8, got Float"),
         (lambda: dequantize_memory(c8, m8, "int4"), "codes must be uint8 for codec int4, got Char"),
         (lambda: dequantize_memory(c8[0], m8, "int8"), r"codes must be \[N, Hkv, M, \*\]"),

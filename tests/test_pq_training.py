@@ -47,7 +47,7 @@ def test_fewer_vectors_than_centroids_encode_exactly():
 
 def test_wrapper_matches_reference_for_every_codec():
     x = torch.randn(7, 2, 3, 48)
-    for codec in ops.CODECS:
+    for codec in (c for c in ops.CODECS if c != "vq"):  # vq trains 2^14 centroids: tests/test_vq.py
         codes, meta = ops.quantize_memory(x, codec, pq_sub_dim=8, pq_iters=3)
         ref_codes, ref_meta = quantize_memory_ref(x, codec, meta if codec == "pq" else None)
         if codec != "pq":  # pq codes may differ only at near-ties; its decode is checked below

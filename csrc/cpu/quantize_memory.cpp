@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "dequantize_vq.h"
 #include "memory3/quant.h"
 
 namespace memory3 {
@@ -20,6 +21,8 @@ Codec parse_codec(std::string_view codec) {
   if (codec == "int8") return Codec::int8;
   if (codec == "int4") return Codec::int4;
   if (codec == "pq") return Codec::pq;
+  TORCH_CHECK(codec != "vq", "quantize_memory: vq encodes with FAISS, in Python (memory3.ops.quantize_memory); ",
+              "the op decodes vq only");
   TORCH_CHECK(false, "codec must be one of int8, int4, pq; got '", codec, "'");
 }
 
@@ -130,6 +133,9 @@ int64_t check_codes(Codec codec, const at::Tensor& codes, const at::Tensor& meta
 
 at::Tensor dequantize_memory_cpu(const at::Tensor& codes, const at::Tensor& meta, std::string_view codec_name,
                                  const std::optional<at::Tensor>& ids, std::optional<at::ScalarType> out_dtype) {
+  if (codec_name == "vq") return dequantize_vq_cpu(codes, meta, ids, out_dtype);  // dequantize_vq.cpp
+  TORCH_CHECK(codec_name == "int8" || codec_name == "int4" || codec_name == "pq",
+              "codec must be one of int8, int4, pq, vq; got '", codec_name, "'");
   const Codec codec = parse_codec(codec_name);
   int64_t dsub = 1;
   const int64_t D = check_codes(codec, codes, meta, dsub);

@@ -12,8 +12,9 @@ from torch import Tensor
 
 from memory3 import _extension
 from memory3.pq import train_pq_codebook
+from memory3.vq import VQSpec, encode_vq, spec_from_meta, train_vq
 
-CODECS = ("int8", "int4", "pq")
+CODECS = ("int8", "int4", "pq", "vq")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 INDEX_MAX = 2**31 - 1  # the kernels index with int32 (csrc/checks.h kIndexMax)
@@ -319,6 +320,23 @@ def _check_quantize(x: Tensor, codec: str, codebook: Tensor | None) -> None:
             lambda: f"codebook {_shape(codebook)} does not fit x {_shape(x)}: want [Hkv={x.shape[1]}, D/d_sub, 256, d_sub] "
             f"with (D/d_sub) * d_sub = {D}",
         )
+    if codec == "vq":
+        _check_vq_meta(codebook, D)
+
+
+def _check_vq_meta(meta: Tensor, D) -> None:
+    """Shapes only (fake tensors have no data); the header is read by _check_vq_header."""
+    _expect(meta is not None, lambda: "vq needs its meta [1 + D + 2^coarse_bits + 2^pq_bits, D] (memory3.vq.train_vq)")
+    _expect(meta.dim() == 2 and meta.shape[1] == D, lambda: f"vq meta must be [1 + D + 2^coarse_bits + 2^pq_bits, D={D}], got {_shape(meta)}")
+    _expect(meta.dtype == torch.float32, lambda: f"vq meta must be float32, got {meta.dtype}")
+
+
+def _check_vq_header(codes: Tensor, meta: Tensor) -> None:
+    """Eager calls read vq meta's header row (memory3.vq) and match the code size to it."""
+    if torch.compiler.is_compiling():
+        return
+    spec = spec_from_meta(meta)
+    _expect(codes.shape[3] == spec.code_size, lambda: f"codes must be [N, Hkv, M, {spec.code_size}] for {spec.factory}, got {_shape(codes)}")
 
 
 def quantize_memory(
@@ -338,9 +356,18 @@ def quantize_memory(
               (scale, zero) per group of 32 along D. D must be even.
         pq:   codes uint8 [N, Hkv, M, D/d_sub]; meta = codebook [Hkv, D/d_sub, 256, d_sub].
               Without `codebook`, one is trained on x by k-means (pq_sub_dim, pq_iters, seed).
+        vq:   the paper's FAISS OPQ,Residual2x14,PQ8x10 (memory3.vq): codes uint8
+              [N, Hkv, M, 14], encoded by FAISS's sa_encode (not a compiled op); meta =
+              `codebook`, the quantizer float32 [1 + D + 2^14 + 2^10, D]. Without it, one is
+              trained on x with FAISS (needs N * Hkv * M >= 16384 vectors). D % 8 == 0.
     """
     _extension.require()
     _check_codec(codec)
+    if codec == "vq":
+        _expect(x.dim() == 4, lambda: f"x must be [N, Hkv, M, D], got {_shape(x)}")
+        meta = codebook if codebook is not None else train_vq(x, VQSpec(x.shape[3]), seed=seed)
+        _check_quantize(x, codec, meta)
+        return encode_vq(x, meta), meta
     if codec == "pq" and codebook is None:
         codebook = train_pq_codebook(x, sub_dim=pq_sub_dim, iters=pq_iters, seed=seed)
     _check_quantize(x, codec, codebook)
@@ -363,7 +390,7 @@ def _quantize_fake(x, codec, codebook=None):
 def _check_dequantize(codes: Tensor, meta: Tensor, codec: str, ids: Tensor | None, out_dtype) -> None:
     _check_codec(codec)
     _expect(codes.dim() == 4, lambda: f"codes must be [N, Hkv, M, *], got {_shape(codes)}")
-    want = {"int8": torch.int8, "int4": torch.uint8, "pq": torch.uint8}[codec]
+    want = {"int8": torch.int8, "int4": torch.uint8, "pq": torch.uint8, "vq": torch.uint8}[codec]
     _expect(codes.dtype == want, lambda: f"{codec} codes must be {want}, got {codes.dtype}")
     _expect(meta.dtype == torch.float32, lambda: f"meta must be float32, got {meta.dtype}")
     if codec == "int8":
@@ -372,6 +399,8 @@ def _check_dequantize(codes: Tensor, meta: Tensor, codec: str, ids: Tensor | Non
         groups = (2 * codes.shape[3] + 31) // 32
         want_meta = (*_shape(codes)[:3], groups, 2)
         _expect(_shape(meta) == want_meta, lambda: f"int4 meta must be [N, Hkv, M, ceil(D/32), 2] = {want_meta}, got {_shape(meta)}")
+    elif codec == "vq":
+        _expect(meta.dim() == 2, lambda: f"vq meta must be [1 + D + 2^coarse_bits + 2^pq_bits, D], got {_shape(meta)}")
     else:
         _expect(
             meta.dim() == 4 and meta.shape[0] == codes.shape[1] and meta.shape[1] == codes.shape[3] and meta.shape[2] == 256,
@@ -391,9 +420,11 @@ def dequantize_memory(
 ) -> Tensor:
     """Decompress codes from quantize_memory: [N, Hkv, M, D], or with ids (int32/int64, any
     shape, -1 = zero row) the rows ids only, [*ids.shape, Hkv, M, D] (gather and decode in
-    one pass)."""
+    one pass). vq: our kernel, checked against FAISS's sa_decode (tests/test_vq.py)."""
     _extension.require()
     _check_dequantize(codes, meta, codec, ids, out_dtype)
+    if codec == "vq":
+        _check_vq_header(codes, meta)
     return torch.ops.memory3.dequantize_memory(codes, meta, codec, ids, out_dtype)
 
 
@@ -401,7 +432,7 @@ def _dequantize_fake(codes, meta, codec, ids=None, out_dtype=None):
     _check_codec(codec)
     _expect(codes.dim() == 4, lambda: f"codes must be [N, Hkv, M, *], got {_shape(codes)}")
     N, Hkv, M, W = codes.shape
-    D = {"int8": W, "int4": 2 * W, "pq": W * meta.shape[-1]}[codec]
+    D = {"int8": W, "int4": 2 * W, "pq": W * meta.shape[-1], "vq": meta.shape[-1]}[codec]
     lead = tuple(ids.shape) if ids is not None else (N,)
     return codes.new_empty((*lead, Hkv, M, D), dtype=out_dtype or torch.bfloat16)
 

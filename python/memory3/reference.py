@@ -129,7 +129,13 @@ def quantize_memory_ref(x: Tensor, codec: str, codebook: Tensor | None = None) -
           + zero, zero = group min, scale = (max - min) / 15, code = round((x - zero) / scale).
     pq:   codes uint8 [N, Hkv, M, D / d_sub], the nearest of 256 centroids per sub-vector
           (squared L2, first index on ties); meta = codebook [Hkv, D / d_sub, 256, d_sub].
+    vq:   FAISS's sa_encode with the quantizer of meta = codebook (memory3.vq: FAISS is the
+          spec of the paper's encoder); codes uint8 [N, Hkv, M, code_size].
     """
+    if codec == "vq":
+        from memory3.vq import encode_vq
+
+        return encode_vq(x, codebook), codebook
     xf = x.float()
     if codec == "int8":
         amax = xf.abs().amax(dim=-1)
@@ -152,7 +158,7 @@ def quantize_memory_ref(x: Tensor, codec: str, codebook: Tensor | None = None) -
         cb = codebook.float()[None, :, None]  # [1, Hkv, 1, nsub, K, dsub]
         dist = ((sub[..., None, :] - cb) ** 2).sum(-1)  # [N, Hkv, M, nsub, K]
         return dist.argmin(dim=-1).to(torch.uint8), codebook
-    raise ValueError(f"codec must be one of int8, int4, pq; got {codec!r}")
+    raise ValueError(f"codec must be one of int8, int4, pq, vq; got {codec!r}")
 
 
 def _int4_groups(xf: Tensor) -> Tensor:
@@ -177,7 +183,7 @@ def dequantize_memory_ref(
     """Inverse of quantize_memory_ref; with ids (any shape, -1 = zero row), the rows ids
     only: [*ids, Hkv, M, D]. out_dtype defaults to bfloat16."""
     out_dtype = out_dtype or torch.bfloat16
-    rows_meta = codec in ("int8", "int4")  # pq's meta is the codebook, shared by all rows
+    rows_meta = codec in ("int8", "int4")  # pq's and vq's meta is shared by all rows
     if ids is not None:
         flat = ids.reshape(-1).long()
         safe = flat.clamp(min=0)
@@ -197,4 +203,27 @@ def dequantize_memory_ref(
         s = torch.arange(nsub, device=codes.device)  # [nsub]
         x = meta.float()[h, s, codes.long()]  # [N, Hkv, M, nsub, dsub]
         return x.flatten(-2).to(out_dtype)
-    raise ValueError(f"codec must be one of int8, int4, pq; got {codec!r}")
+    if codec == "vq":
+        flat = codes.reshape(-1, codes.shape[-1])
+        return _dequantize_vq(flat, meta).reshape(*codes.shape[:-1], meta.shape[1]).to(out_dtype)
+    raise ValueError(f"codec must be one of int8, int4, pq, vq; got {codec!r}")
+
+
+def _dequantize_vq(codes: Tensor, meta: Tensor) -> Tensor:
+    """vq codes [R, code_size] -> float32 [R, D] (layout: memory3.vq): x = A^T (coarse + fine).
+    Indices keep their low bits, as the kernels do (FAISS refuses list numbers >= nlist)."""
+    D = meta.shape[1]
+    coarse_bits, pq_m, pq_bits = (int(v) for v in meta[0, 1:4].tolist())
+    R, dev = codes.shape[0], codes.device
+    c = codes.long()
+    nb1 = (2 * coarse_bits + 7) // 8
+    list_no = sum(c[:, b] << (8 * b) for b in range(nb1))  # little-endian
+    mask = (1 << coarse_bits) - 1
+    i0, i1 = list_no & mask, (list_no >> coarse_bits) & mask
+    bits = ((c[:, nb1:, None] >> torch.arange(8, device=dev)) & 1).reshape(R, -1)  # LSB first
+    j = (bits[:, : pq_m * pq_bits].reshape(R, pq_m, pq_bits) << torch.arange(pq_bits, device=dev)).sum(-1)
+    coarse = meta[1 + D : 1 + D + (1 << coarse_bits)].float()
+    fine = meta[1 + D + (1 << coarse_bits) :].float()
+    half, cols = D // 2, torch.arange(D, device=dev)
+    y = torch.cat([coarse[i0, :half], coarse[i1, half:]], dim=-1) + fine[j[:, cols // (D // pq_m)], cols]
+    return y @ meta[1 : 1 + D].float()
