@@ -189,3 +189,19 @@ def test_bank_with_the_vq_codec(tmp_path):
     assert err < 0.6, err  # Gaussian data, 64 x 64 coarse cells: a weak but real code
     again = Bank.open(tmp_path / "b", dtype=torch.float32)
     assert again.manifest.codec["name"] == "vq" and torch.equal(again.gather(ids), got)
+
+
+def test_quantize_memory_encodes_with_faiss():
+    spec = VQSpec(16, **SMALL)
+    meta = known_meta(spec, seed=8)
+    x = torch.randn(5, 2, 4, 16, generator=torch.Generator().manual_seed(9))
+    codes, got_meta = ops.quantize_memory(x, "vq", codebook=meta)
+    assert got_meta is meta and codes.shape == (5, 2, 4, spec.code_size) and codes.dtype == torch.uint8
+    assert torch.equal(codes.reshape(-1, spec.code_size), torch.from_numpy(faiss_from_meta(meta).sa_encode(x.reshape(-1, 16).numpy())))
+    assert torch.equal(reference.quantize_memory_ref(x, "vq", meta)[0], codes)
+    with pytest.raises(ValueError, match="at least 16384 training vectors"):  # the paper's 2x14, no meta given
+        ops.quantize_memory(x, "vq")
+    with pytest.raises(ValueError, match=r"vq meta must be \[1 \+ D"):
+        ops.quantize_memory(x, "vq", codebook=meta[:, :8])
+    with pytest.raises(RuntimeError, match="vq encodes with FAISS"):  # the compiled op decodes only
+        torch.ops.memory3.quantize_memory(x, "vq")
