@@ -244,7 +244,7 @@ class Demo:
     def evaluate(self, variant: str) -> dict:
         """Accuracy and timing of every way of answering with this model (the large one: no memory)."""
         from memory3.retrieval import Retriever
-        from memory3.train.demo_eval import Answerer, FullKVStore
+        from memory3.train.demo_eval import Answerer, FullKVStore, retrieve
         qs, tok, sizes = self.questions(), self.tokenizer, self.sizes
         rows = torch.tensor(self.results["retrieval"]["rows"], dtype=torch.long)
         timed = qs[:: max(1, len(qs) // sizes.timed_questions)][:sizes.timed_questions]
@@ -265,7 +265,7 @@ class Demo:
             for mode, k in plan:
                 a = Answerer(model, tok, mode, k, bank=bank, texts=texts, kv_store=store)
                 if mode == "fullkv":  # timing reaches references outside the evaluated set
-                    extra = retriever.retrieve([q.prompt for q in timed], 5).rows.flatten().tolist()
+                    extra = retrieve(retriever, tok, timed, 5).rows.flatten().tolist()
                     new = sorted({r for r in extra if r >= 0} - set(store.kv))
                     store.add(new, [ref.text for ref in bank.references(new)])
                 correct = a.exact_match(qs, rows)
