@@ -173,6 +173,7 @@ def test_bank_with_the_vq_codec(tmp_path):
     shape = MemoryShape(layers=2, kv_heads=2, tokens=8, head_dim=16)
     mem = torch.randn(40, *shape.memory, generator=torch.Generator().manual_seed(7))
     small = Bank.create(tmp_path / "few", shape=shape, fingerprint="f00d", codec="vq")
+    assert small.codec.min_train_memories == 1024
     with pytest.raises(ValueError, match="1024 memories"):  # 2^14 vectors / (2 heads x 8 tokens)
         small.append(["a"], ["text"], mem[:1])
     bank = Bank.create(tmp_path / "b", shape=shape, fingerprint="f00d", codec="vq", codec_config=SMALL, dtype=torch.float32)

@@ -46,15 +46,21 @@ class VQCodec(Codec):
     def needs_training(self):
         return not self.metas
 
+    @property
+    def min_train_memories(self) -> int:
+        """Fewest memories train() accepts: 2^coarse_bits vectors per quantizer."""
+        Hkv, M, _ = self.shape.layer
+        return ceil(self.spec.min_train / (Hkv * M))
+
     def train(self, memories):
         Hkv, M, _ = self.shape.layer
         have = memories.shape[0] * Hkv * M
         if have < self.spec.min_train:
             raise ValueError(
                 f"the vq codec ({self.spec.factory}) trains on at least {self.spec.min_train} vectors per "
-                f"quantizer, i.e. {ceil(self.spec.min_train / (Hkv * M))} memories of {Hkv} heads x {M} tokens; "
-                f"got {memories.shape[0]} (train the codec on a larger sample with Bank.train_codec, or use "
-                f"codec_config={{'coarse_bits': ...}} with 2^coarse_bits <= {have})"
+                f"quantizer, i.e. {self.min_train_memories} memories of {Hkv} heads x {M} tokens; got "
+                f"{memories.shape[0]} memories (train it on a larger sample first: Bank.train_codec; or, from "
+                f"Python, codec_config={{'coarse_bits': b}} with 2^b <= {have})"
             )
         metas = {}
         for key in tqdm(self._keys(), desc=f"training vq {self.spec.factory}", unit="quantizer", leave=False):
