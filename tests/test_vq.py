@@ -96,8 +96,8 @@ def test_train_vq_on_a_small_sample():
     x_hat = ops.dequantize_memory(encode_vq(x, meta).reshape(-1, 1, 1, spec.code_size), meta, "vq", out_dtype=torch.float32)
     err = (x_hat.reshape(-1, 16) - x).norm() / x.norm()
     assert err < 0.1, err  # 40 clusters, 64 x 64 coarse cells: the noise is what is left
-    with pytest.raises(ValueError, match="at least 64 training vectors"):
-        train_vq(x[:63], spec)
+    with pytest.raises(ValueError, match="at least 256 training vectors"):  # OPQ's PQ: 256 centroids
+        train_vq(x[:255], spec)
 
 
 @pytest.mark.parametrize("D", [4, 12, 20, 520])
@@ -206,3 +206,23 @@ def test_quantize_memory_encodes_with_faiss():
         ops.quantize_memory(x, "vq", codebook=meta[:, :8])
     with pytest.raises(RuntimeError, match="vq encodes with FAISS"):  # the compiled op decodes only
         torch.ops.memory3.quantize_memory(x, "vq")
+
+
+def test_encode_trains_vq_on_enough_references(tmp_path, monkeypatch):
+    # A vq codec on small heads needs more references than one append holds: encode_into
+    # trains it on min_train_memories references first (here 16, with 8 per append).
+    from generate_fixtures import TrigramEmbedder, reference_texts, tiny_model
+
+    from memory3.memory import encode
+    from memory3.model import Memory3Tokenizer, fingerprint
+
+    monkeypatch.setattr(encode, "APPEND_BATCH", 8)
+    model, tokenizer, emb = tiny_model(), Memory3Tokenizer.byte_level(), TrigramEmbedder()
+    c = model.config
+    shape = MemoryShape(c.n_memory_layers, c.n_kv_heads, c.memory_tokens, c.head_dim)
+    bank = Bank.create(tmp_path / "b", shape=shape, fingerprint=fingerprint(model), codec="vq", codec_config=SMALL,
+                       embedder=emb.spec(), dtype=torch.float32)
+    assert bank.codec.min_train_memories == 16  # 256 vectors / (2 heads x 8 tokens)
+    records = [encode.KBRecord(f"r{i}", t, None) for i, t in enumerate(reference_texts(20))]
+    encode.encode_into(bank, model, tokenizer, emb, records, progress=False)
+    assert len(bank) == 20 and not bank.codec.needs_training()

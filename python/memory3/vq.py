@@ -32,7 +32,7 @@ Training sample. The coarse level runs k-means with 2^14 centroids per half, and
 refuses fewer training vectors than centroids ("Number of training points (8000) should be
 at least as large as number of clusters (16384)"), but only after it has trained the OPQ
 rotation (123 s wasted in that measurement): train_vq refuses first, naming the minimum,
-2^coarse_bits vectors. FAISS warns below 39 vectors per centroid (638,976). Measured on the
+max(2^coarse_bits, 2^pq_bits, 256) vectors (OPQ trains a PQ of 256 centroids). FAISS warns below 39 vectors per centroid (638,976). Measured on the
 shared 2-core machine (bench/bench_vq.py, tiny preset, 16,576 vectors per quantizer, just
 above the minimum): about 200 s of training per quantizer, held-out relative L2 error 0.074.
 Training time grows linearly with the sample (VQCodec caps it at 2^18 vectors by default).
@@ -95,8 +95,9 @@ class VQSpec:
 
     @property
     def min_train(self) -> int:
-        """Fewest training vectors FAISS accepts: one per centroid of a coarse half."""
-        return 1 << self.coarse_bits
+        """Fewest training vectors FAISS accepts: one per centroid of a coarse half, of a fine
+        sub-space, and of OPQ's own 256-centroid product quantizer."""
+        return max(1 << self.coarse_bits, 1 << self.pq_bits, 256)
 
 
 def spec_from_meta(meta: Tensor) -> VQSpec:
@@ -193,8 +194,8 @@ def train_vq(x: Tensor, spec: VQSpec | None = None, *, seed: int = 0, max_points
     pts = x.detach().reshape(-1, spec.head_dim).float().cpu()
     if pts.shape[0] < spec.min_train:
         raise ValueError(
-            f"vq {spec.factory} needs at least {spec.min_train} training vectors (2^{spec.coarse_bits} "
-            f"centroids per coarse half; FAISS's k-means refuses fewer), got {pts.shape[0]}"
+            f"vq {spec.factory} needs at least {spec.min_train} training vectors (one per centroid of its "
+            f"largest k-means; FAISS refuses fewer), got {pts.shape[0]}"
         )
     gen = torch.Generator().manual_seed(seed)
     if max_points is not None and pts.shape[0] > max_points:

@@ -142,6 +142,10 @@ def encode_into(bank: Bank, model, tokenizer, embedder, records: list[KBRecord],
     learned codec not yet trained trains on the first batch)."""
     stats = stats or EncodeStats()
     c = model.config
+    want = getattr(bank.codec, "min_train_memories", 0)  # vq: 2^14 vectors, more than a batch on small heads
+    if bank.codec.needs_training() and not bank.rows and want > APPEND_BATCH:
+        sample = [r.text for r in records[:want]]
+        bank.train_codec(encode_texts(model, tokenizer, sample, batch_size=batch_size, progress=False).float().cpu())
     with tqdm(total=len(records), desc="encoding", unit="ref", disable=not progress) as bar:
         for start in range(0, len(records), APPEND_BATCH):
             part = records[start : start + APPEND_BATCH]

@@ -3,10 +3,12 @@ per (memory layer, keys/values) shared by the KV heads, trained with FAISS on th
 memories appended (or Bank.train_codec), encoded with FAISS, decoded by our kernel
 (ops.dequantize_memory(..., "vq")). 14 bytes per vector with the paper's numbers.
 
-Sample size: a quantizer needs at least 2^coarse_bits vectors (16,384), i.e.
-ceil(16384 / (kv_heads * tokens)) memories: 256 for the 2.4B model (8 heads x 8 tokens),
-1,024 for the tiny preset (2 x 8). Fewer is refused with that number; smaller banks can pass
-codec_config={"coarse_bits": 8} (a 2x8 coarse level, 12 bytes per vector).
+Sample size: a quantizer needs at least max(2^coarse_bits, 2^pq_bits, 256) vectors (16,384
+with the paper's numbers), i.e. min_train_memories = ceil(16384 / (kv_heads * tokens)): 256
+for the 2.4B model (8 heads x 8 tokens), 1,024 for the tiny preset (2 x 8). Fewer is refused
+with that number; memory.encode trains on that many references before its first append.
+Smaller samples can use codec_config={"coarse_bits": 8} (a 2x8 coarse level, 12 bytes per
+vector, 1,024 vectors with PQ8x10).
 """
 from __future__ import annotations
 
@@ -59,8 +61,7 @@ class VQCodec(Codec):
             raise ValueError(
                 f"the vq codec ({self.spec.factory}) trains on at least {self.spec.min_train} vectors per "
                 f"quantizer, i.e. {self.min_train_memories} memories of {Hkv} heads x {M} tokens; got "
-                f"{memories.shape[0]} memories (train it on a larger sample first: Bank.train_codec; or, from "
-                f"Python, codec_config={{'coarse_bits': b}} with 2^b <= {have})"
+                f"{memories.shape[0]} memories (train it on a larger sample first: Bank.train_codec)"
             )
         metas = {}
         for key in tqdm(self._keys(), desc=f"training vq {self.spec.factory}", unit="quantizer", leave=False):
