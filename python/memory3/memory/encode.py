@@ -219,7 +219,8 @@ def encode_distributed(kb, out, model, tokenizer, embedder, *, codec: str | None
             device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
             first = None
             if rank == 0:
-                first = encode_texts(model, tokenizer, [r.text for r in records[:APPEND_BATCH]], batch_size=batch_size,
+                size = max(APPEND_BATCH, getattr(bank.codec, "min_train_memories", 0))  # vq: 2^14 vectors
+                first = encode_texts(model, tokenizer, [r.text for r in records[:size]], batch_size=batch_size,
                                      progress=False).float()
             n = torch.tensor([0 if first is None else len(first)], device=device)
             dist.broadcast(n, src=0)
