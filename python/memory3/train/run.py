@@ -94,11 +94,18 @@ def shared_tokenizer(args, out: Path, kb: SyntheticKnowledgeBase, dist: DistInfo
     return Memory3Tokenizer.from_file(path)
 
 
-def make_model(args, tokenizer: Memory3Tokenizer) -> Memory3Model:
+def model_overrides(args) -> dict:
     try:
         overrides = json.loads(args.model_json)
     except json.JSONDecodeError as e:
         raise ValueError(f"--model-json is not valid JSON ({e})") from None
+    if not isinstance(overrides, dict):
+        raise ValueError(f"--model-json must be a JSON object, got {args.model_json!r}")
+    return overrides
+
+
+def make_model(args, tokenizer: Memory3Tokenizer) -> Memory3Model:
+    overrides = model_overrides(args)
     if Path(args.model).is_dir():
         if overrides:
             raise ValueError("--model-json cannot change a model loaded from a directory")
@@ -132,6 +139,7 @@ def train_from_args(args: argparse.Namespace) -> int:
     config = TrainConfig.recipe_defaults(args.recipe, **overrides)
     if args.recipe != "single-stage" and not args.data:
         raise ValueError("--data is required for the warmup and continual recipes")
+    model_overrides(args)  # fail on a bad --model-json before any work
     if args.threads:
         torch.set_num_threads(args.threads)
     dist = init_distributed(args.device)
