@@ -10,7 +10,7 @@ import torch
 from memory3 import cli
 from memory3.model import Memory3Config, Memory3Model
 from memory3.model.tokenizer import Memory3Tokenizer
-from memory3.train.demo_eval import Answerer, FullKVStore
+from memory3.train.demo_eval import Answerer, FullKVStore, memories_for
 from memory3.train.demo_report import PLOTS
 from memory3.train.init import init_for_training
 from memory3.train.synthetic import SyntheticConfig, SyntheticKnowledgeBase, type_only_ceiling
@@ -150,7 +150,15 @@ def test_explicit_memory_reads_the_retrieved_rows_in_rank_order(tmp_path):
         ids = rows.to(torch.int32)[:, None].expand(2, 1, 2).contiguous()
         want = model(tokens, Memories.from_stacked(mem, ids))
         flipped = model(tokens, Memories.from_stacked(mem, ids.flip(-1).contiguous()))
+        assert memories_for(bank, rows, 1, model).ids.tolist() == ids.tolist()  # fp32 rows: read in place, by row id
+        q8 = Bank.create(tmp_path / "int8", shape=bank.shape, fingerprint=model.fingerprint(), codec="int8",
+                         device="cpu", dtype=torch.float32)
+        q8.append(["a", "b", "c"], texts, mem.float())
+        in_place = model(tokens, memories_for(q8, rows, 1, model, in_place=True))
+        gathered = model(tokens, memories_for(q8, rows, 1, model, in_place=False))
+        q8.close()
     bank.close()
+    torch.testing.assert_close(in_place, gathered, atol=1e-4, rtol=1e-4)
     assert starts == [2, 2]
     for b, t in enumerate(tails):
         torch.testing.assert_close(got[b, :2 + len(t)], want[b, :2 + len(t)], atol=1e-4, rtol=1e-4)

@@ -99,14 +99,30 @@ class FullKVStore:
         return n
 
 
-def memories_for(bank, rows: torch.Tensor, n_chunk: int, device) -> Memories:
-    """Explicit memories of bank rows [B, k] (slot order = retrieval rank), read by every chunk."""
+def memories_for(bank, rows: torch.Tensor, n_chunk: int, model: Memory3Model, in_place: bool | None = None) -> Memories:
+    """Explicit memories of bank rows [B, k] (slot order = retrieval rank), read by every chunk.
+
+    ``in_place`` (default: when the codec allows it, int8 or float rows of the model's dtype,
+    on the model's device): the attention op reads the rows by id straight from the bank
+    arrays, as in generation with an in-place codec; else the rows are gathered and decoded."""
     B, k = rows.shape
+    device = model.device
+    if in_place is None:
+        first = bank.layer_bank(0) if bank.codec.in_place else None
+        in_place = first is not None and first["mem_k"].device == device and (
+            first["mem_k_scale"] is not None or first["mem_k"].dtype == model.dtype)
+    if in_place:
+        ids = rows.to(torch.int32)[:, None].expand(B, n_chunk, k).contiguous().to(device)  # -1 stays empty
+        layers = [bank.layer_bank(i) for i in range(bank.shape.layers)]
+        scaled = layers[0]["mem_k_scale"] is not None
+        return Memories([a["mem_k"] for a in layers], [a["mem_v"] for a in layers], ids,
+                        [a["mem_k_scale"] for a in layers] if scaled else None,
+                        [a["mem_v_scale"] for a in layers] if scaled else None)
     mem = bank.gather(rows)  # [L, 2, B, k, Hkv, M, D], decoded by the bank's codec
     slots = torch.arange(B * k).view(B, k)
     ids = torch.where(rows >= 0, slots, -1).to(torch.int32)[:, None].expand(B, n_chunk, k).contiguous()
-    return Memories([m[0].flatten(0, 1).to(device) for m in mem], [m[1].flatten(0, 1).to(device) for m in mem],
-                    ids.to(device))
+    return Memories([m[0].flatten(0, 1).to(device, model.dtype) for m in mem],
+                    [m[1].flatten(0, 1).to(device, model.dtype) for m in mem], ids.to(device))
 
 
 class Answerer:
@@ -146,7 +162,7 @@ class Answerer:
         tokens = pad_rows(seqs, c.pad_id).to(m.device)
         memories = None
         if self.mode == "memory":
-            memories = memories_for(self.bank, rows, n_chunks(c, tokens.shape[1]), m.device)
+            memories = memories_for(self.bank, rows, n_chunks(c, tokens.shape[1]), m)
         return m(tokens, memories), [len(h) for h in heads]
 
     @torch.inference_mode()
@@ -191,7 +207,7 @@ class Answerer:
             tokens = torch.tensor([ids], device=m.device)
             memories = None
             if self.mode == "memory":
-                memories = memories_for(self.bank, rows, n_chunks(c, n + n_decode), m.device)
+                memories = memories_for(self.bank, rows, n_chunks(c, n + n_decode), m)
         lens = torch.tensor([n], dtype=torch.int32, device=m.device)
         logits = m(tokens, memories, cache=cache, kv_lens=lens, logits_at=torch.tensor([tokens.shape[1] - 1]))
         token = logits[:, -1].argmax(-1)
