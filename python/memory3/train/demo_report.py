@@ -188,6 +188,9 @@ def write_report(out: Path, results: dict, sizes, wall_s: float, bank_shape: tup
         f"top-5 {ret['type_only_ceiling_5']:.3f}, top-1 {ret['type_only_ceiling_1']:.3f}; with the right memory "
         f"plus 4 random ones (TRAINING.md) {results['corpus']['simulated_type_only_ceiling_5']:.3f}. "
         "Headline: explicit memory top-5 (the paper reads 5 per chunk); top-1 shown beside it.", "",
+        f"Settings: {sizes.n_train} train + {sizes.n_heldout} held-out people, training steps {sizes.steps} at "
+        f"batch {sizes.batch_size}, small model {sizes.small}, larger model {sizes.large}; "
+        f"timing over {sizes.timed_questions} questions, {sizes.decode_tokens} decode steps each.", "",
         "## Targets", "",
         "| target | measured | met |", "|---|---|---|",
         *[f"| {c['target']} | {c['measured']} | {'yes' if c['met'] else '**MISSED**'} |" for c in checks], "",
