@@ -47,7 +47,7 @@ def test_quick_run_writes_every_row_and_plot(quick, capsys):
         assert f"| {r['model']} | {r['method']} | {r['accuracy']:.3f} |" in report
     for name in results["plots"]:
         assert f"]({name})" in report
-    assert report.count("| yes |") + report.count("| **MISSED** |") == len(results["targets"]) == 14
+    assert report.count("| yes |") + report.count("| **MISSED** |") == len(results["targets"]) == 18
 
 
 def test_numbers_follow_from_the_run(quick):

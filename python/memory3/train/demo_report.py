@@ -66,9 +66,10 @@ def targets(results: dict, rows: list[dict]) -> list[dict]:
         none = get[(v, "none", 0)]["accuracy"]
         for k in (1, 5):
             mem, rag = get[(v, "memory", k)]["accuracy"], get[(v, "rag", k)]["accuracy"]
-            out.append({"target": f"{v}: memory top-{k} >= no memory + 0.40 and within 0.10 of RAG top-{k}",
-                        "measured": f"memory {mem:.3f}, no memory {none:.3f}, RAG {rag:.3f}",
-                        "met": mem >= none + 0.40 and mem >= rag - 0.10})
+            out.append({"target": f"{v}: memory top-{k} at least 0.40 above no memory",
+                        "measured": f"memory {mem:.3f}, no memory {none:.3f}", "met": mem >= none + 0.40})
+            out.append({"target": f"{v}: memory top-{k} within 0.10 of RAG top-{k}",
+                        "measured": f"memory {mem:.3f}, RAG {rag:.3f}", "met": mem >= rag - 0.10})
         mem5 = get[(v, "memory", 5)]["accuracy"]
         ceiling = ret["type_only_ceiling_5"]
         out.append({"target": f"{v}: binding, memory top-5 clearly (+{BINDING_MARGIN}) above the type-only ceiling",
