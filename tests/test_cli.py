@@ -47,7 +47,7 @@ def encoded(tmp_path_factory):
 
 
 @pytest.mark.parametrize("command", [[], ["encode"], ["generate"], ["bank"], ["bank", "info"], ["bank", "delete"],
-                                     ["bank", "compact"], ["bank", "reencode"], ["info"]])
+                                     ["bank", "compact"], ["bank", "reencode"], ["info"], ["train"], ["demo"]])
 def test_help_explains_each_command(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([*command, "--help"])
@@ -58,6 +58,15 @@ def test_help_explains_each_command(command, capsys):
         assert "--codec" in out and "--batch-size" in out and "torchrun" in out
     if command == ["generate"]:
         assert "--max-new-tokens" in out and "--bank" in out and "preset" in out
+    if command == ["train"]:  # the trainer's own options, reached through `memory3 train`
+        assert out.startswith("usage: memory3 train") and "--recipe" in out and "--steps" in out
+
+
+def test_train_options_reach_the_trainer(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--recipe", "no-such-recipe", "--out", "x"])
+    assert e.value.code == 2
+    assert "no-such-recipe" in capsys.readouterr().err
 
 
 def test_encode_info_generate_in_process(encoded, capsys):

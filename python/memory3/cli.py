@@ -400,10 +400,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+# ---------------------------------------------------------------------- train
+
+
+def add_train(sub) -> None:
+    # The trainer owns its options (memory3.train.run): main() hands everything after `train`,
+    # `--help` included, to it, so the two command lines never drift apart. This entry only
+    # lists the command in `memory3 --help`.
+    sub.add_parser("train", help="train a model (warmup, continual, single-stage recipes); "
+                                 "`memory3 train --help` lists its options")
+
+
 # ---------------------------------------------------------------------- entry
 
-# Help order; the training engineer adds add_train here.
-SUBCOMMANDS = [add_info, add_encode, add_generate, add_bank, add_demo]
+# Help order.
+SUBCOMMANDS = [add_info, add_encode, add_generate, add_bank, add_train, add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -421,6 +432,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # the trainer parses its own options (see add_train)
+        from memory3.train.run import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     return run_command(args.func, args)
 
