@@ -1,7 +1,6 @@
 """`memory3 demo`: a --quick run completes and its report has every row and plot, with numbers
 that follow from what the run stored (not hard-coded); full-KV reuse of one reference is RAG."""
 import json
-import math
 import time
 
 import pytest

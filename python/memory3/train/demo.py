@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
