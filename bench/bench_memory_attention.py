@@ -14,11 +14,14 @@ import argparse
 import dataclasses
 import json
 import resource
+import statistics
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 import verify
 from timing import median_time
 
@@ -146,6 +149,105 @@ def measure(preset: str, dtype: str = "float32", with_memory: bool = True, backw
         row["kernel_peak_mb"] = peak_extra_mb(preset, dtype, "kernel")
         row["reference_peak_mb"] = peak_extra_mb(preset, dtype, "reference")
         row["output_mb"] = case.B * case.T * case.Hq * case.D * torch.finfo(case.dtype).bits / 8 / 2**20
+    return row
+
+
+# ------------------------------------------------------------ against what a user runs instead
+
+def sdpa_without_memory(args: dict) -> torch.Tensor:
+    """The no-memory floor: scaled_dot_product_attention over the context alone (GQA, causal
+    for prefill), on the same [B, T, H, D] tensors as views."""
+    q, k, v = (args[n].transpose(1, 2) for n in ("q", "k", "v"))
+    return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=True)
+
+
+def naive_memory_sdpa(args: dict) -> torch.Tensor:
+    """Memory attention the plain way: index the bank by id, concatenate the memories in front
+    of the context, one masked SDPA (each query sees its chunk's memories and the causal
+    context). Full sequences (kv_lens=None), as in the presets."""
+    q, k, v, ids = args["q"], args["k"], args["v"], args["mem_ids"].long()
+    B, T, Hq, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    C, R = ids.shape[1], ids.shape[2]
+    M = args["mem_k"].shape[2]
+    if T == 1:  # decode: only the last chunk's memories
+        ids = ids[:, (S - 1 - args["chunk_start"]) // args["chunk_size"]][:, None]
+        C = 1
+    mk = args["mem_k"][ids.clamp(min=0)].permute(0, 3, 1, 2, 4, 5).reshape(B, Hkv, C * R * M, D)
+    mv = args["mem_v"][ids.clamp(min=0)].permute(0, 3, 1, 2, 4, 5).reshape(B, Hkv, C * R * M, D)
+    keys = torch.cat([mk, k.transpose(1, 2)], dim=2)
+    values = torch.cat([mv, v.transpose(1, 2)], dim=2)
+    pos = torch.arange(S - T, S)
+    col_chunk = torch.arange(C).repeat_interleave(R * M)
+    q_chunk = (pos - args["chunk_start"]).div(args["chunk_size"], rounding_mode="floor")
+    mem_mask = (q_chunk[:, None] == col_chunk[None, :]) if T > 1 else torch.ones(1, C * R * M, dtype=torch.bool)
+    mem_mask = mem_mask[None] & (ids >= 0).repeat_interleave(M, dim=2).reshape(B, 1, C * R * M)
+    ctx_mask = (torch.arange(S)[None, :] <= pos[:, None]).expand(B, T, S)
+    mask = torch.cat([mem_mask, ctx_mask], dim=-1)[:, None]
+    return F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True)
+
+
+def interleaved_medians(fns: list, repeats: int = 30, budget_s: float = 4.0) -> list[float]:
+    """Median seconds of each fn, called in turn (a, b, c, a, b, c, ...) so that load on a
+    shared machine falls on all of them alike."""
+    for fn in fns:
+        fn()
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    start = time.perf_counter()
+    while len(times[0]) < repeats and (len(times[0]) < 5 or time.perf_counter() - start < budget_s):
+        for fn, t in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 512) -> float:
+    """The machine's matmul rate (torch.matmul, n^3, this thread count): the ceiling."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    (s,) = interleaved_medians([lambda: torch.matmul(a, b)], repeats=20, budget_s=1.0)
+    return 2.0 * n**3 / s / 1e9
+
+
+# The four cases of the comparison (bank of 10,000 memories as in issue 15).
+VERSUS_CASES = [("decode", "float32"), ("prefill", "float32"), ("paper_heads_decode", "float32"),
+                ("prefill", "bfloat16"), ("decode", "bfloat16")]
+
+
+def versus(preset: str, dtype: str, backward: bool = False, budget_s: float = 4.0) -> dict:
+    """memory3 against SDPA without memory and against the naive path, interleaved. With
+    backward=True: forward + backward (grads of q, k, v) against autograd through SDPA without
+    memory, and the kernel's forward + backward over its forward."""
+    case = dataclasses.replace(PRESETS[preset], dtype=DTYPES[dtype], N=10000)
+    args = case.make(requires_grad=backward)
+    with torch.no_grad():  # the naive path computes the same thing (bf16: SDPA's own rounding)
+        verify.relative(f"naive path {preset} {dtype}", [naive_memory_sdpa(args).transpose(1, 2)],
+                        [memory_attention_ref(**args)[0]], 1e-3 if case.dtype == torch.float32 else 2e-2)
+    check_against_reference(f"memory_attention {preset} {dtype}", args)
+    row = {"case": f"{preset} {dtype}", "threads": torch.get_num_threads()}
+    if backward:
+        dout = torch.randn(case.B, case.T, case.Hq, case.D).to(case.dtype)
+        leaves = [args["q"], args["k"], args["v"]]
+
+        def fwd():
+            with torch.no_grad():
+                kernel_call(args)
+
+        def step(fn, transpose):
+            out = fn(args)
+            out = out[0] if isinstance(out, tuple) else out
+            torch.autograd.grad(out, leaves, dout.transpose(1, 2) if transpose else dout)
+
+        k, s, f = interleaved_medians([lambda: step(kernel_call, False), lambda: step(sdpa_without_memory, True), fwd],
+                                      budget_s=budget_s)
+        row.update(kernel_ms=k * 1e3, sdpa_ms=s * 1e3, forward_ms=f * 1e3, vs_sdpa=k / s, vs_forward=k / f)
+        return row
+    with torch.no_grad():
+        k, s, n = interleaved_medians([lambda: kernel_call(args), lambda: sdpa_without_memory(args),
+                                       lambda: naive_memory_sdpa(args)], budget_s=budget_s)
+    row.update(kernel_ms=k * 1e3, sdpa_ms=s * 1e3, naive_ms=n * 1e3, vs_sdpa=k / s, vs_naive=k / n,
+               kernel_gflops=flops(case) / k / 1e9)
     return row
 
 

@@ -2,14 +2,21 @@
 
     python bench/table.py            # all rows (about a minute on 2 cores)
     python bench/table.py --quick    # fewer repetitions, no peak-memory subprocesses
+    python bench/table.py --versus-only --threads 1,2   # only memory_attention vs SDPA/naive
 
 Rows: memory_attention presets (decode and prefill at B=4, Hq=8, Hkv=2, D=64, the paper's
 head shape), gather_memory from a bf16 and an int8 bank, and each codec's quantize and
 gather+dequantize. Ratios are measured in this run, on this machine.
+
+First, memory_attention against what a user would run instead, per thread count: SDPA over
+the context without any memory (the floor: memory adds 40 keys per query) and the naive path
+(index the bank, concatenate, masked SDPA), kernel and alternatives called in turn so load
+on a shared machine hits all alike; the machine's torch.matmul rate is the ceiling column.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 
 import torch
@@ -51,12 +58,42 @@ def rows(quick: bool) -> list[tuple]:
     return out
 
 
+def versus_rows(quick: bool) -> list[str]:
+    budget = 1.5 if quick else 4.0
+    fp32, bf16 = (bench_memory_attention.matmul_gflops(t) for t in (torch.float32, torch.bfloat16))
+    lines = [f"\n## memory_attention vs SDPA without memory and the naive path, {torch.get_num_threads()} "
+             f"thread(s); matmul ceiling {fp32:.0f} GFLOP/s fp32, {bf16:.0f} GFLOP/s bf16\n",
+             "| case | memory3 ms | SDPA w/o memory ms | memory3 / SDPA | naive ms | memory3 / naive | "
+             "GFLOP/s (% of matmul) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for preset, dtype in bench_memory_attention.VERSUS_CASES:
+        r = bench_memory_attention.versus(preset, dtype, budget_s=budget)
+        ceiling = bf16 if dtype == "bfloat16" else fp32
+        lines.append(f"| {r['case']} | {r['kernel_ms']:.3f} | {r['sdpa_ms']:.3f} | {r['vs_sdpa']:.2f}x | "
+                     f"{r['naive_ms']:.3f} | {r['vs_naive']:.2f}x | "
+                     f"{r['kernel_gflops']:.1f} ({100 * r['kernel_gflops'] / ceiling:.0f}%) |")
+    r = bench_memory_attention.versus("prefill", "float32", backward=True, budget_s=budget)
+    lines.append(f"\nprefill float32 forward + backward (grads of q, k, v): {r['kernel_ms']:.1f} ms = "
+                 f"{r['vs_sdpa']:.2f}x autograd through SDPA without memory ({r['sdpa_ms']:.1f} ms), "
+                 f"{r['vs_forward']:.2f}x the kernel's forward ({r['forward_ms']:.1f} ms)")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, skip peak-memory runs")
+    parser.add_argument("--threads", default=None, help="thread counts of the versus tables, e.g. 1,2")
+    parser.add_argument("--versus-only", action="store_true", help="only the memory_attention versus tables")
     args = parser.parse_args()
-    print(f"# memory3 CPU kernels vs reference — torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}\n")
+    default_threads = torch.get_num_threads()
+    print(f"# memory3 CPU kernels — torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores")
+    for threads in [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]:
+        torch.set_num_threads(threads)
+        print("\n".join(versus_rows(args.quick)), flush=True)
+    if args.versus_only:
+        return
+    torch.set_num_threads(default_threads)
+    print(f"\n## every op's kernel vs its pure-PyTorch reference, {default_threads} threads\n")
     print("| op | case | kernel ms | reference ms | speedup | notes |")
     print("|---|---|---:|---:|---:|---|")
     for op, case, k, ref, speed, note in rows(args.quick):

@@ -50,6 +50,25 @@ M3_ALWAYS_INLINE float hsum(VecF v) {
   return s;
 }
 
+// Lane i of the result = the sum of the lanes of a[i]: a transpose-and-add tree, 30
+// shuffles and 15 adds for 16 dot products instead of 16 horizontal sums.
+M3_ALWAYS_INLINE VecF hsum16(const VecF* a) {
+  VecF b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i)  // b[i]: lanes 0-7 halves of a[2i], lanes 8-15 of a[2i+1]
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)  // c[i]: quarters of a[4i], a[4i+2], a[4i+1], a[4i+3]
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)  // d[i]: pairs of a[8i + {0,4,2,6,1,5,3,7}]
+    d[i] = __builtin_shufflevector(c[2 * i], c[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           __builtin_shufflevector(c[2 * i], c[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  // e lane 2m + h = a[8h + rev(m)], rev = 3-bit reversal; the last shuffle puts lane i = a[i].
+  const VecF e = __builtin_shufflevector(d[0], d[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+                 __builtin_shufflevector(d[0], d[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  return __builtin_shufflevector(e, e, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
+}
+
 // Lanes at or past `lim` of the row s[0, np) become -inf (masked keys).
 M3_ALWAYS_INLINE void mask_tail(float* s, int lim, int np) {
   for (int j = lim; j < np; ++j) s[j] = -std::numeric_limits<float>::infinity();

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "memory3/cpu_gemm.h"
@@ -50,6 +51,8 @@ class MemoryAttentionCpu {
     tile(s_, size_t(RQ_) * KP_);
     tile(kt_, size_t(Dp_) * KP_);
     tile(vn_, size_t(KP_) * Dp_);
+    tile(kbuf_, size_t(4) * Dp_);
+    tile(zrow_, size_t(Dp_));
     m_.assign(RQ_, Acc(0));
     l_.assign(RQ_, Acc(0));
     slot_.assign(KP_, 0);
@@ -71,10 +74,22 @@ class MemoryAttentionCpu {
     std::fill(m_.begin(), m_.end(), -std::numeric_limits<Acc>::infinity());
     std::fill(l_.begin(), l_.end(), Acc(0));
     std::fill(o_.begin(), o_.end(), Acc(0));
+    if constexpr (std::is_same_v<Acc, float>) {
+      if (nq == 1) {
+        single_query_item(b, kvh, pbase);
+        finish_rows(b, kvh, i0, rows);
+        return;
+      }
+    }
     for_each_key_block(b, kvh, pbase, nq, /*transposed_v=*/false,
                        [&](int row_lo, int n, int causal_j0) M3_LAMBDA_INLINE {
                          online_softmax_block(row_lo, rows, pbase, n, causal_j0);
                        });
+    finish_rows(b, kvh, i0, rows);
+  }
+
+  // out = o / l and lse = m + log l for the item's rows.
+  M3_ALWAYS_INLINE void finish_rows(int b, int kvh, int i0, int rows) {
     for (int r = 0; r < rows; ++r) {
       const int ii = r / G_, h = kvh * G_ + r % G_;
       T* out = static_cast<T*>(p_.out) + ((int64_t(b) * p_.T + i0 + ii) * p_.Hq + h) * p_.D;
@@ -193,6 +208,76 @@ class MemoryAttentionCpu {
       pack_context_keys(b, kvh, j0, n, transposed_v);
       f(std::max(0, j0 - pbase) * G_, n, j0);
     }
+  }
+
+  // One query (decode): the G rows of its GQA group against the memories of its chunk
+  // (packed, as in for_each_key_block) and then the context read in place, row by row, so
+  // no context key is transposed or copied (the decode cost is the read of K and V).
+  M3_ALWAYS_INLINE void single_query_item(int b, int kvh, int pos) {
+    const int rows = G_;
+    if (pos >= std::max(p_.chunk_start, 0)) {
+      const int n = pack_memory_keys(b, (pos - p_.chunk_start) / p_.chunk_size, kvh, /*transposed_v=*/false);
+      if (n > 0) {
+        row_hi_ = rows;
+        online_softmax_block(0, rows, pos, n, -1);
+      }
+    }
+    const T* k = static_cast<const T*>(p_.k) + b * p_.k_stride_b + kvh * p_.k_stride_h;
+    const T* v = static_cast<const T*>(p_.v) + b * p_.v_stride_b + kvh * p_.v_stride_h;
+    for (int j0 = 0; j0 <= pos; j0 += kKeyBlock) {
+      const int n = std::min(kKeyBlock, pos + 1 - j0), np = round_up(n, NR);
+      for (int jj = 0; jj < n; ++jj)  // the next block's rows: too far apart for the prefetcher
+        if (j0 + kKeyBlock + jj <= pos) {
+          prefetch_row(k + (j0 + kKeyBlock + jj) * p_.k_stride_s);
+          prefetch_row(v + (j0 + kKeyBlock + jj) * p_.v_stride_s);
+        }
+      for (int jj = 0; jj < np; jj += 4) {
+        const float* kr[4];
+        for (int x = 0; x < 4; ++x)
+          kr[x] = jj + x < n ? float_row(k + (j0 + jj + x) * p_.k_stride_s, kbuf_.data() + x * Dp_) : zrow_.data();
+        for (int r0 = 0; r0 < rows; r0 += 4) {  // q_ rows past `rows` are zero
+          VecF acc[16] = {};  // lane group r * 4 + x: row r0 + r, key jj + x
+          for (int d = 0; d < Dp_; d += kVecF) {
+            VecF kv[4], qv[4];
+            for (int x = 0; x < 4; ++x) kv[x] = load_vec(kr[x] + d);
+            for (int r = 0; r < 4; ++r) qv[r] = load_vec(q_.data() + (r0 + r) * Dp_ + d);
+            for (int r = 0; r < 4; ++r)
+              for (int x = 0; x < 4; ++x) acc[r * 4 + x] += qv[r] * kv[x];
+          }
+          const VecF sums = hsum16(acc);
+          for (int r = 0; r < 4; ++r) std::memcpy(s_.data() + (r0 + r) * KP_ + jj, &sums[r * 4], 4 * sizeof(float));
+        }
+      }
+      for (int r = 0; r < rows; ++r) {
+        Acc* s = s_.data() + r * KP_;
+        mask_tail(s, n, np);
+        const Acc m_new = std::max(m_[r], row_max(s, np));
+        const Acc alpha = std::exp(m_[r] - m_new);
+        l_[r] = l_[r] * alpha + row_exp_sum(s, np, m_new);
+        m_[r] = m_new;
+        if (alpha != Acc(1)) {
+          Acc* o = o_.data() + r * Dp_;
+          for (int d = 0; d < Dp_; ++d) o[d] *= alpha;
+        }
+      }
+      for (int jj = 0; jj < n; ++jj) {  // O += P V, V rows in place
+        const float* vr = float_row(v + (j0 + jj) * p_.v_stride_s, kbuf_.data());
+        for (int r = 0; r < rows; ++r) {
+          const float pr = s_[r * KP_ + jj];
+          float* o = o_.data() + r * Dp_;
+          for (int d = 0; d < Dp_; d += kVecF) store_vec(o + d, load_vec(o + d) + pr * load_vec(vr + d));
+        }
+      }
+    }
+  }
+
+  // A context row as Dp_ floats: in place when it already is, else converted into buf
+  // (whose padding [D, Dp) stays zero).
+  M3_ALWAYS_INLINE const float* float_row(const T* src, float* buf) {
+    if constexpr (std::is_same_v<T, float>)
+      if (p_.D == Dp_) return src;
+    for (int d = 0; d < p_.D; ++d) buf[d] = load_as<float>(src[d]);
+    return buf;
   }
 
   // Number of keys of a block that query row r sees: all n, or up to its position.
@@ -403,6 +488,7 @@ class MemoryAttentionCpu {
   const int G_, BQ_, Dp_, RQ_, KP_;  // group size, queries per block, padded D, rows, keys
   int row_hi_ = 0;                   // rows at or past this are outside the current chunk
   std::vector<Acc> q_, o_, s_, kt_, vn_, m_, l_;              // forward tiles
+  std::vector<Acc> kbuf_, zrow_;                              // decode: converted rows, zeros
   std::vector<Acc> ds_, vt_, kn_, dout_, pt_, dst_, dkt_, dvt_, lse_, delta_;  // backward
   std::vector<int> slot_;
 };
