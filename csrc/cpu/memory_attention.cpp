@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <type_traits>
 
 #include "memory_attention_launch.h"
 
@@ -36,6 +37,27 @@ M3_CPU_MULTIVERSION void run_forward_pass(const PassArgs& a, WorkQueue& queue) {
   });
 }
 
+// Decode with fewer (sequence, KV head) items than threads: the context of each is cut into
+// `parts` ranges computed as items of their own, then merged (float accumulation only).
+M3_CPU_MULTIVERSION void run_decode_split_pass(const PassArgs& a, WorkQueue& queue) {
+  dispatch_types(a.elem, a.int8, [&](auto t, auto mt, auto acc) M3_LAMBDA_INLINE {
+    if constexpr (std::is_same_v<decltype(acc), float>) {
+      const MemoryAttentionParams& p = *a.p;
+      MemoryAttentionCpu<decltype(t), decltype(mt), float> kernel(p, 1);
+      const int64_t G = p.Hq / p.Hkv;
+      int64_t i;
+      while (queue.pop(i)) {
+        const int64_t item = a.merge ? i : i / a.parts, part = a.merge ? 0 : i % a.parts;
+        const int b = int(item / p.Hkv), kvh = int(item % p.Hkv);
+        const int64_t slot = item * a.parts + part;
+        float *o = a.split_o + slot * G * p.D, *m = a.split_m + slot * G, *l = a.split_l + slot * G;
+        if (a.merge) kernel.merge_parts(b, kvh, a.parts, o, m, l);
+        else kernel.forward_part(b, kvh, int(part), a.parts, o, m, l);
+      }
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> memory_attention_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mem_k,
     const at::Tensor& mem_v, const at::Tensor& mem_ids, const std::optional<at::Tensor>& kv_lens,
@@ -51,7 +73,19 @@ std::tuple<at::Tensor, at::Tensor> memory_attention_cpu(
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   const int64_t nqb = (s.T + in.block_q - 1) / in.block_q;
-  const PassArgs args{&p, float_type_of(q.scalar_type(), "q"), s.int8_bank, in.block_q};
+  PassArgs args{&p, float_type_of(q.scalar_type(), "q"), s.int8_bank, in.block_q};
+  const int64_t items = s.B * s.Hkv, threads = at::get_num_threads();
+  if (s.T == 1 && items < threads && s.S >= 2 * cpu::kKeyBlock && q.scalar_type() != at::kDouble) {
+    args.parts = int(std::min<int64_t>((2 * threads + items - 1) / items, s.S / cpu::kKeyBlock));
+    const int64_t rows = items * args.parts * (s.Hq / s.Hkv);
+    at::Tensor scratch = at::empty({rows * (s.D + 2)}, q.options().dtype(at::kFloat));
+    args.split_o = scratch.data_ptr<float>(), args.split_m = args.split_o + rows * s.D;
+    args.split_l = args.split_m + rows;
+    parallel_pass(run_decode_split_pass, args, items * args.parts);
+    args.merge = true;
+    parallel_pass(run_decode_split_pass, args, items);
+    return {out, lse};
+  }
   parallel_pass(run_forward_pass, args, nqb * s.B * s.Hkv);
   return {out, lse};
 }

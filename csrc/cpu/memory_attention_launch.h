@@ -46,6 +46,11 @@ struct PassArgs {
   const MemoryAttentionBwdParams* g = nullptr;   // backward only: p == g
   const cpu::BackwardScratch* scratch = nullptr;  // backward only
   BackwardPass pass = BackwardPass::dq;           // backward only
+  // Decode split over the context only: parts per (sequence, KV head), their o [G][D], m [G]
+  // and l [G] per part, and whether this pass merges them.
+  int parts = 0;
+  float *split_o = nullptr, *split_m = nullptr, *split_l = nullptr;
+  bool merge = false;
 };
 
 using PassWorker = void (*)(const PassArgs&, WorkQueue&);

@@ -76,7 +76,7 @@ class MemoryAttentionCpu {
     std::fill(o_.begin(), o_.end(), Acc(0));
     if constexpr (std::is_same_v<Acc, float>) {
       if (nq == 1) {
-        single_query_item(b, kvh, pbase);
+        single_query_item(b, kvh, pbase, 0, pbase + 1, /*with_memories=*/true);
         finish_rows(b, kvh, i0, rows);
         return;
       }
@@ -103,6 +103,42 @@ class MemoryAttentionCpu {
         *lse = -std::numeric_limits<float>::infinity();
       }
     }
+  }
+
+  // Decode split over the context: part `part` of `parts` of sequence b's context (parts of
+  // whole key blocks; the memories go with part 0), unnormalized: o [G][D], m and l [G] into
+  // the part's slots for merge_parts.
+  M3_ALWAYS_INLINE void forward_part(int b, int kvh, int part, int parts, float* o, float* m, float* l) {
+    static_assert(std::is_same_v<Acc, float>);
+    const int pos = query_base(b), L = std::max(pos + 1, 0);
+    const int len = round_up((L + parts - 1) / parts, kKeyBlock);
+    pack_query_rows(q_.data(), b, kvh, p_.T - 1, 1, Acc(p_.scale));
+    std::fill(m_.begin(), m_.end(), -std::numeric_limits<Acc>::infinity());
+    std::fill(l_.begin(), l_.end(), Acc(0));
+    std::fill(o_.begin(), o_.end(), Acc(0));
+    single_query_item(b, kvh, pos, std::min(L, part * len), std::min(L, (part + 1) * len), part == 0);
+    for (int r = 0; r < G_; ++r) {
+      std::copy(o_.data() + r * Dp_, o_.data() + r * Dp_ + p_.D, o + r * p_.D);
+      m[r] = m_[r], l[r] = l_[r];
+    }
+  }
+
+  // out and lse of the decode query of (b, kvh) from its parts' o, m, l (layout of forward_part).
+  M3_ALWAYS_INLINE void merge_parts(int b, int kvh, int parts, const float* o, const float* m, const float* l) {
+    for (int r = 0; r < G_; ++r) {
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int s = 0; s < parts; ++s) mx = std::max(mx, m[s * G_ + r]);
+      m_[r] = mx, l_[r] = 0;
+      std::fill(o_.data() + r * Dp_, o_.data() + (r + 1) * Dp_, 0.0f);
+      for (int s = 0; s < parts; ++s) {
+        if (l[s * G_ + r] == 0.0f) continue;  // a part that saw no key
+        const float w = std::exp(m[s * G_ + r] - mx);
+        l_[r] += w * l[s * G_ + r];
+        const float* os = o + (int64_t(s) * G_ + r) * p_.D;
+        for (int d = 0; d < p_.D; ++d) o_[r * Dp_ + d] += w * os[d];
+      }
+    }
+    finish_rows(b, kvh, p_.T - 1, G_);
   }
 
   // ---------------------------------------------------------------- backward
@@ -211,11 +247,12 @@ class MemoryAttentionCpu {
   }
 
   // One query (decode): the G rows of its GQA group against the memories of its chunk
-  // (packed, as in for_each_key_block) and then the context read in place, row by row, so
-  // no context key is transposed or copied (the decode cost is the read of K and V).
-  M3_ALWAYS_INLINE void single_query_item(int b, int kvh, int pos) {
+  // (packed, as in for_each_key_block) and then the context keys [j_lo, j_hi) read in place,
+  // row by row, so no context key is transposed or copied (the decode cost is the read of K
+  // and V).
+  M3_ALWAYS_INLINE void single_query_item(int b, int kvh, int pos, int j_lo, int j_hi, bool with_memories) {
     const int rows = G_;
-    if (pos >= std::max(p_.chunk_start, 0)) {
+    if (with_memories && pos >= std::max(p_.chunk_start, 0)) {
       const int n = pack_memory_keys(b, (pos - p_.chunk_start) / p_.chunk_size, kvh, /*transposed_v=*/false);
       if (n > 0) {
         row_hi_ = rows;
@@ -224,10 +261,10 @@ class MemoryAttentionCpu {
     }
     const T* k = static_cast<const T*>(p_.k) + b * p_.k_stride_b + kvh * p_.k_stride_h;
     const T* v = static_cast<const T*>(p_.v) + b * p_.v_stride_b + kvh * p_.v_stride_h;
-    for (int j0 = 0; j0 <= pos; j0 += kKeyBlock) {
-      const int n = std::min(kKeyBlock, pos + 1 - j0), np = round_up(n, NR);
+    for (int j0 = j_lo; j0 < j_hi; j0 += kKeyBlock) {
+      const int n = std::min(kKeyBlock, j_hi - j0), np = round_up(n, NR);
       for (int jj = 0; jj < n; ++jj)  // the next block's rows: too far apart for the prefetcher
-        if (j0 + kKeyBlock + jj <= pos) {
+        if (j0 + kKeyBlock + jj < j_hi) {
           prefetch_row(k + (j0 + kKeyBlock + jj) * p_.k_stride_s);
           prefetch_row(v + (j0 + kKeyBlock + jj) * p_.v_stride_s);
         }
