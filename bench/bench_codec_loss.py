@@ -157,7 +157,8 @@ def main() -> None:
                 if top1 is None and embedder is not None:
                     from memory3.retrieval import Retriever
                     from memory3.train.demo_eval import retrieve
-                    got = retrieve(Retriever(bank, embedder, save=False), tok, questions, 1)
+                    ref_ids = lambda t: tok.reference_ids(t, model.config.ref_len)  # as memory.encode stores them
+                    got = retrieve(Retriever(bank, embedder, save=False, tokenize=ref_ids), tok, questions, 1)
                     top1 = got.rows[:, :1]
                     hit = (top1 == right).float().mean().item()
                 answerer = Answerer(model, tok, "memory", 1, bank=bank)
