@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "row_ids.h"
 #include "memory3/vq.h"
 
 namespace memory3 {
@@ -64,10 +65,7 @@ at::Tensor dequantize_vq_cpu(const at::Tensor& codes, const at::Tensor& meta, co
   at::Tensor flat;
   std::vector<int64_t> out_shape{N};
   if (ids) {
-    TORCH_CHECK(is_index_dtype(ids->scalar_type()), "ids must be int32 or int64, got ", ids->scalar_type());
-    TORCH_CHECK(ids->device().is_cpu(), "dequantize_memory (CPU kernel): ids must be on the CPU, got ", ids->device());
-    flat = ids->reshape({-1}).to(at::kLong).contiguous();
-    check_ids_in_range(flat.data_ptr<int64_t>(), flat.numel(), N, "ids");
+    flat = flat_cpu_ids(*ids, N, "dequantize_memory");
     out_shape = ids->sizes().vec();
   }
   out_shape.insert(out_shape.end(), {Hkv, M, D});

@@ -10,21 +10,11 @@
 #include <vector>
 
 #include "checks.h"
+#include "row_ids.h"
 #include "memory3/gather.h"
 
 namespace memory3 {
 namespace {
-
-
-// ids of any shape, flattened to int64, each in [-1, N).
-at::Tensor flat_ids(const at::Tensor& ids, int64_t N) {
-  TORCH_CHECK(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong, "ids must be int32 or int64, got ",
-              ids.scalar_type());
-  TORCH_CHECK(ids.device().is_cpu(), "gather_memory (CPU kernel): ids must be on the CPU, got ", ids.device());
-  at::Tensor flat = ids.reshape({-1}).to(at::kLong).contiguous();
-  check_ids_in_range(flat.data_ptr<int64_t>(), flat.numel(), N, "ids");
-  return flat;
-}
 
 struct GatherTypes {
   bool int8;        // the bank is int8 (then `bank` is unused)
@@ -56,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor> gather_memory_cpu(const at::Tensor& mem_k, co
   const GatherTypes types{int8, int8 ? FloatType::f32 : float_type_of(mem_k.scalar_type(), "mem_k"),
                           float_type_of(out_type, "out_dtype")};
   const int64_t N = mem_k.size(0), Hkv = mem_k.size(1), M = mem_k.size(2), D = mem_k.size(3);
-  at::Tensor flat = flat_ids(ids, N);
+  at::Tensor flat = flat_cpu_ids(ids, N, "gather_memory");
 
   std::vector<int64_t> out_shape = ids.sizes().vec();
   out_shape.insert(out_shape.end(), {Hkv, M, D});

@@ -12,6 +12,7 @@
 
 #include "checks.h"
 #include "dequantize_vq.h"
+#include "row_ids.h"
 #include "memory3/quant.h"
 
 namespace memory3 {
@@ -147,11 +148,7 @@ at::Tensor dequantize_memory_cpu(const at::Tensor& codes, const at::Tensor& meta
   at::Tensor flat;
   std::vector<int64_t> out_shape{N};
   if (ids) {
-    TORCH_CHECK(ids->scalar_type() == at::kInt || ids->scalar_type() == at::kLong, "ids must be int32 or int64, got ",
-                ids->scalar_type());
-    check_cpu(*ids, "dequantize_memory", "ids");
-    flat = ids->reshape({-1}).to(at::kLong).contiguous();
-    check_ids_in_range(flat.data_ptr<int64_t>(), flat.numel(), N, "ids");
+    flat = flat_cpu_ids(*ids, N, "dequantize_memory");
     out_shape = ids->sizes().vec();
   }
   out_shape.insert(out_shape.end(), {Hkv, M, D});
