@@ -389,7 +389,8 @@ def add_demo(sub) -> None:
                                    "ranked memory positions) and a 4x larger one without memory, encode the "
                                    "knowledge base into a bank, answer questions about held-out people with "
                                    "retrieval (no memory, explicit memory, RAG, full-KV reuse) and write "
-                                   "report.md, results.json and PNG plots. ~10 minutes on an idle 2-core CPU.")
+                                   "report.md, results.json and PNG plots. Measured: 30 minutes on a busy 2-core CPU "
+                                   "(--threads 1); --scale 0.3 for a shorter run.")
     add_arguments(p)
     p.set_defaults(func=cmd_demo)
 

@@ -1,6 +1,6 @@
 """`memory3 demo`: explicit memory on a synthetic knowledge base, end to end, measured.
 
-    memory3 demo                    # ~10 minutes on an idle 2-core CPU, report in ./memory3-demo
+    memory3 demo                    # 30 min measured on a busy 2-core CPU, report in ./memory3-demo
     memory3 demo --quick --out /tmp/d   # a short run (tests): every stage, tiny sizes
     memory3 demo --scale 8 --device cuda  # 8x the training steps (a GPU)
 
@@ -46,7 +46,7 @@ VARIANTS = ("parallel", "ranked")  # memory position layouts trained and compare
 
 @dataclass
 class DemoSizes:
-    """Every size of a demo run. ``default()`` fits ~10 minutes on an idle 2-core CPU."""
+    """Every size of a demo run. ``default()`` took 30 minutes on a busy 2-core CPU (1 thread; 2026-11-29)."""
     n_train: int = 1000
     n_heldout: int = 300
     n_names: int = 1500
@@ -306,7 +306,7 @@ def _mean(xs) -> float:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a short run with tiny sizes (tests; well under 2 minutes)")
     p.add_argument("--scale", type=float, default=1.0, metavar="N",
-                   help="multiply the training steps by N (default 1: ~10 minutes on an idle 2-core CPU)")
+                   help="multiply the training steps by N (default 1: 30 minutes measured on a busy 2-core CPU)")
     p.add_argument("--out", default="./memory3-demo", metavar="DIR",
                    help="report folder (resumed when it holds finished stages); default ./memory3-demo")
     p.add_argument("--seed", type=int, default=0, help="knowledge base, initialisation and data seed")
