@@ -62,14 +62,7 @@ at::Tensor dequantize_vq_cpu(const at::Tensor& codes, const at::Tensor& meta, co
   const FloatType out_elem = float_type_of(out_type, "out_dtype");
   const int64_t N = codes.size(0), Hkv = codes.size(1), M = codes.size(2);
 
-  at::Tensor flat;
-  std::vector<int64_t> out_shape{N};
-  if (ids) {
-    flat = flat_cpu_ids(*ids, N, "dequantize_memory");
-    out_shape = ids->sizes().vec();
-  }
-  out_shape.insert(out_shape.end(), {Hkv, M, D});
-  at::Tensor out = at::empty(out_shape, codes.options().dtype(out_type));
+  const auto [flat, out] = decode_rows(codes, ids, D, out_type);
 
   const at::Tensor c = rows_contiguous(codes);
   p.codes = c.data_ptr<uint8_t>(), p.codes_stride_n = c.stride(0);

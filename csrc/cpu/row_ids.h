@@ -3,6 +3,9 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+#include <vector>
+
 #include "checks.h"
 
 namespace memory3 {
@@ -15,6 +18,27 @@ inline at::Tensor flat_cpu_ids(const at::Tensor& ids, int64_t N, const char* op)
   at::Tensor flat = ids.reshape({-1}).to(at::kLong).contiguous();
   check_ids_in_range(flat.data_ptr<int64_t>(), flat.numel(), N, "ids");
   return flat;
+}
+
+// What a dequantize_memory decode writes: every row of codes [N, Hkv, M, *] or, with ids, the
+// rows ids (flat_ids, checked); out is [N or *ids.shape, Hkv, M, D] of out_type.
+struct DecodeRows {
+  at::Tensor flat_ids;  // undefined without ids
+  at::Tensor out;
+};
+
+inline DecodeRows decode_rows(const at::Tensor& codes, const std::optional<at::Tensor>& ids, int64_t D,
+                              at::ScalarType out_type) {
+  const int64_t N = codes.size(0);
+  DecodeRows rows;
+  std::vector<int64_t> out_shape{N};
+  if (ids) {
+    rows.flat_ids = flat_cpu_ids(*ids, N, "dequantize_memory");
+    out_shape = ids->sizes().vec();
+  }
+  out_shape.insert(out_shape.end(), {codes.size(1), codes.size(2), D});
+  rows.out = at::empty(out_shape, codes.options().dtype(out_type));
+  return rows;
 }
 
 }  // namespace memory3
