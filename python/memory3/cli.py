@@ -69,7 +69,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- shared helpers
 
 
-class _Parser(argparse.ArgumentParser):
+class CliParser(argparse.ArgumentParser):
     """Usage mistakes as one line (with where to look), exit code 2."""
 
     def error(self, message: str):
@@ -419,14 +419,14 @@ SUBCOMMANDS = [add_info, add_encode, add_generate, add_bank, add_train, add_demo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = CliParser(
         prog="memory3",
         description="Memory³: language modeling with explicit memory (arXiv 2407.01178). Encode a knowledge base "
                     "into a memory bank, generate text that reads it, maintain banks.",
         epilog="Example: memory3 encode kb.jsonl --model small --out bank/ && memory3 bank info bank/ && "
                "memory3 generate --model small --bank bank/ \"Alice Smith was born in\"",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CliParser)
     for register in SUBCOMMANDS:
         register(sub)
     return parser

@@ -34,7 +34,9 @@ from memory3.train.trainer import Trainer
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="memory3 train", description=__doc__.split("\n\n")[0])
+    from memory3.cli import CliParser  # usage mistakes as one line, exit 2, like every memory3 command
+
+    p = CliParser(prog="memory3 train", description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", choices=RECIPES, default="single-stage")
     p.add_argument("--out", required=True, help="run folder (checkpoints, model, plots); resumed when present")
     p.add_argument("--model", default="small", help="preset name (tiny, small, ...) or a model directory to start from")
