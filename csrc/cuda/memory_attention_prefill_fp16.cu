@@ -1,0 +1,10 @@
+// The fp16 instantiations of the prefill kernel (head dims 64, 80, 96, 128; float and int8 banks).
+#include "memory3/prefill_attention.cuh"
+#include "memory3/prefill_mma.cuh"
+#include "memory_attention_prefill.h"
+
+namespace memory3 {
+bool launch_prefill_fp16(const MemoryAttentionParams& p, bool int8_bank, cudaStream_t stream) {
+  return prefill::launch_forward_dims<__half>(p, int8_bank, stream);
+}
+}  // namespace memory3
