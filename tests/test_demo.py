@@ -9,7 +9,7 @@ import torch
 from memory3 import cli
 from memory3.model import Memory3Config, Memory3Model
 from memory3.model.tokenizer import Memory3Tokenizer
-from memory3.train.demo_eval import Answerer, FullKVStore, memories_for
+from memory3.train.demo_eval import Answerer, FullKVStore, MemoryReader, time_methods
 from memory3.train.demo_report import PLOTS
 from memory3.train.init import init_for_training
 from memory3.train.synthetic import SyntheticConfig, SyntheticKnowledgeBase, type_only_ceiling
@@ -149,12 +149,12 @@ def test_explicit_memory_reads_the_retrieved_rows_in_rank_order(tmp_path):
         ids = rows.to(torch.int32)[:, None].expand(2, 1, 2).contiguous()
         want = model(tokens, Memories.from_stacked(mem, ids))
         flipped = model(tokens, Memories.from_stacked(mem, ids.flip(-1).contiguous()))
-        assert memories_for(bank, rows, 1, model).ids.tolist() == ids.tolist()  # fp32 rows: read in place, by row id
+        assert MemoryReader(bank, model)(rows, 1).ids.tolist() == ids.tolist()  # fp32 rows: read in place, by row id
         q8 = Bank.create(tmp_path / "int8", shape=bank.shape, fingerprint=model.fingerprint(), codec="int8",
                          device="cpu", dtype=torch.float32)
         q8.append(["a", "b", "c"], texts, mem.float())
-        in_place = model(tokens, memories_for(q8, rows, 1, model, in_place=True))
-        gathered = model(tokens, memories_for(q8, rows, 1, model, in_place=False))
+        in_place = model(tokens, MemoryReader(q8, model, in_place=True)(rows, 1))
+        gathered = model(tokens, MemoryReader(q8, model, in_place=False)(rows, 1))
         q8.close()
     bank.close()
     torch.testing.assert_close(in_place, gathered, atol=1e-4, rtol=1e-4)
@@ -162,3 +162,55 @@ def test_explicit_memory_reads_the_retrieved_rows_in_rank_order(tmp_path):
     for b, t in enumerate(tails):
         torch.testing.assert_close(got[b, :2 + len(t)], want[b, :2 + len(t)], atol=1e-4, rtol=1e-4)
     assert not torch.allclose(got[0, :2 + len(tails[0])], flipped[0, :2 + len(tails[0])], atol=1e-3)
+
+
+def test_time_methods_retrieves_once_and_times_every_method_from_the_same_rows(tmp_path):
+    """One (timed) retrieval per question, top-k for the largest k, shared by every method;
+    each method gets the same rows, runs once per question and repeat (after a warm-up), in
+    an order that rotates, and its TTFT is that retrieval plus its own part."""
+    from types import SimpleNamespace
+
+    from memory3.memory.bank import Bank
+    from memory3.memory.encoder import encode_texts
+    from memory3.memory.manifest import MemoryShape
+    from memory3.train.synthetic import Question
+
+    tok = Memory3Tokenizer.byte_level()
+    c = Memory3Config.preset("tiny")
+    model = init_for_training(Memory3Model(c), seed=3).eval()
+    texts = ["Kalomi was born in Oslo .", "Bero worked for Acme .", "Tina studied at Yale ."]
+    bank = Bank.create(tmp_path / "bank", shape=MemoryShape(c.n_memory_layers, c.n_kv_heads, c.memory_tokens,
+                                                            c.head_dim), fingerprint=model.fingerprint(),
+                       codec="int8", device="cpu", dtype=torch.float32)
+    bank.append(["a", "b", "c"], texts, encode_texts(model, tok, texts, progress=False).float())
+    store = FullKVStore(model, tok)
+    store.add([0, 1, 2], texts)
+    calls = []
+
+    class Retriever:
+        def retrieve(self, queries, k, **_):
+            calls.append((list(queries), k))
+            return SimpleNamespace(rows=torch.tensor([[2, 0, 1][:k]]), ids=[["c", "a", "b"][:k]])
+
+    seen = []
+
+    class Recording(Answerer):
+        def time_question(self, question, rows, n_decode):
+            seen.append((self.mode, self.k, question.prompt, rows.tolist()))
+            return super().time_question(question, rows, n_decode)
+
+    answerers = {"none": Recording(model, tok, "none"),
+                 **{f"{m}_{k}": Recording(model, tok, m, k, bank=bank, kv_store=store)
+                    for m in ("memory", "rag", "fullkv") for k in (1, 2)}}
+    qs = [Question("a", "city", "Q: where was Kalomi born ? A:", "Oslo"),
+          Question("b", "employer", "Q: who employed Bero ? A:", "Acme")]
+    got = time_methods(answerers, qs, Retriever(), n_decode=2, repeats=2)
+    bank.close()
+    assert len(calls) == 1 + 2 * 2 and all(k == 2 and len(q) == 1 for q, k in calls)  # warm-up + Q x repeats
+    assert len(seen) == len(calls) * len(answerers) and all(r == [[2, 0]] for *_, r in seen)
+    firsts = {seen[i * len(answerers)][:2] for i in range(len(calls))}
+    assert len(firsts) == len(calls)  # a different method opens each round
+    for name, r in got.items():
+        assert r["timed_questions"] == 4 and r["decode_tok_s"] > 0
+        assert r["ttft_ms"] >= r["prefill_ms"] > 0
+        assert (r["retrieval_ms"] == 0) == (name == "none")

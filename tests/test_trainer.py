@@ -283,3 +283,41 @@ def test_exact_match_harness(tokenizer, monkeypatch):
             assert (right in shown) != wrong
             if right_first:
                 assert shown[0] == right
+
+
+def test_loss_reads_logits_only_at_the_targets(tokenizer):
+    """LossModel projects to the vocabulary only where a target is: the same summed loss and
+    gradients as the cross-entropy of the full logits [B, S, V]; logits_where selects rows in
+    row-major order and refuses a wrong mask."""
+    import torch.nn.functional as F
+
+    from memory3.memory.encoder import encode_references
+    from memory3.model import Memories
+    from memory3.train.trainer import LossModel
+
+    config = tiny(tokenizer)
+    task = SyntheticTask(KB, tokenizer, config, recipe=SyntheticRecipe(rag_share=0.0, curriculum_frac=0.0),
+                         total_steps=10, micro_batch=3, seed=4)
+    b = task.batch(3, 0)
+    losses, grads = [], []
+    for full in (False, True):
+        torch.manual_seed(0)
+        model = Memory3Model(config)
+        if full:
+            memories = Memories.from_stacked(encode_references(model, b.refs, b.ref_lens), b.mem_ids)
+            logits = model(b.tokens, memories)
+            loss = F.cross_entropy(logits.flatten(0, 1), b.targets.flatten(), ignore_index=IGNORE, reduction="sum")
+        else:
+            loss = LossModel(model)(b.tokens, b.targets, b.refs, b.ref_lens, b.mem_ids)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+    model = Memory3Model(config)
+    where = b.targets != IGNORE
+    with torch.no_grad():
+        torch.testing.assert_close(model(b.tokens, logits_where=where), model(b.tokens)[where])
+        for bad in (where[:, 1:], where.long()):
+            with pytest.raises(ValueError, match="logits_where must be a bool tensor"):
+                model(b.tokens, logits_where=bad)

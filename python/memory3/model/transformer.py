@@ -194,6 +194,7 @@ class Memory3Model(nn.Module):
         kv_lens: Tensor | None = None,
         plain: bool = False,
         logits_at: Tensor | None = None,
+        logits_where: Tensor | None = None,
     ) -> Tensor:
         """Next-token logits [B, T, vocab_size] for T new tokens of B sequences.
 
@@ -210,6 +211,9 @@ class Memory3Model(nn.Module):
             plain: plain text at positions 0..S-1, no prefix offset and no memory (a Llama).
             logits_at: int [B], optional: compute logits only at this index of the T new
                 tokens of each sequence (its last real token), returning [B, 1, vocab_size].
+            logits_where: bool [B, T], optional: logits only at the True positions, returned
+                as [K, vocab_size] in row-major order (a trainer whose loss reads a few answer
+                tokens skips the output projection everywhere else).
 
         The decode step (T = 1, tensors for kv_lens) keeps static shapes, so
         `torch.compile` traces it once for every length.
@@ -219,6 +223,10 @@ class Memory3Model(nn.Module):
                                       or logits_at.dtype.is_floating_point):
             raise ValueError(f"logits_at must be an int tensor [B={B}] of indices into the T new tokens, "
                              f"got {_describe(logits_at)}")
+        if logits_where is not None and (logits_at is not None or not isinstance(logits_where, Tensor)
+                                         or logits_where.shape != (B, T) or logits_where.dtype != torch.bool):
+            raise ValueError(f"logits_where must be a bool tensor [B={B}, T={T}] (and no logits_at), "
+                             f"got {_describe(logits_where)}")
         c = self.config
         if cache is None:
             index = torch.arange(T, device=tokens.device).expand(B, T)
@@ -253,6 +261,8 @@ class Memory3Model(nn.Module):
             x = x + layer.feed_forward(layer.ffn_norm(x))
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at][:, None]
+        elif logits_where is not None:
+            x = x[logits_where]
         return self.output(self.norm(x))
 
     def _rank_memories(self, memories: Memories) -> Memories:

@@ -8,9 +8,15 @@ TurboRAG and LMCache do: each reference's keys were computed on their own, right
 ``<s>``, so references do not attend to each other; `FullKVStore`).
 
 Accuracy is exact match, teacher-forced: a question is right when the argmax at every answer
-position is the answer token (what greedy decoding produces). Timing is per question at
-batch 1: time to first token from the question text (retrieval included) to the first
-greedy token, then greedy decode steps into the model's KV cache.
+position is the answer token (what greedy decoding produces).
+
+Timing (`time_methods`) is per question at batch 1, every method on the same footing: the
+question is retrieved once (top-k for the largest k, timed: the shared retrieval step), then
+each method, in an order rotated per question so none always runs first, goes from the
+retrieved rows to its first greedy token (the method's own work: bank read by row id /
+reference text fetched and tokenized / stored key-values copied into the cache, plus the
+prefill), then greedy decode steps into the model's KV cache. Time to first token = shared
+retrieval + the method's part; medians over questions x repeats.
 """
 from __future__ import annotations
 
@@ -99,30 +105,42 @@ class FullKVStore:
         return n
 
 
-def memories_for(bank, rows: torch.Tensor, n_chunk: int, model: Memory3Model, in_place: bool | None = None) -> Memories:
+class MemoryReader:
     """Explicit memories of bank rows [B, k] (slot order = retrieval rank), read by every chunk.
 
     ``in_place`` (default: when the codec allows it, int8 or float rows of the model's dtype,
     on the model's device): the attention op reads the rows by id straight from the bank
-    arrays, as in generation with an in-place codec; else the rows are gathered and decoded."""
-    B, k = rows.shape
-    device = model.device
-    if in_place is None:
-        first = bank.layer_bank(0) if bank.codec.in_place else None
-        in_place = first is not None and first["mem_k"].device == device and (
-            first["mem_k_scale"] is not None or first["mem_k"].dtype == model.dtype)
-    if in_place:
-        ids = rows.to(torch.int32)[:, None].expand(B, n_chunk, k).contiguous().to(device)  # -1 stays empty
-        layers = [bank.layer_bank(i) for i in range(bank.shape.layers)]
-        scaled = layers[0]["mem_k_scale"] is not None
-        return Memories([a["mem_k"] for a in layers], [a["mem_v"] for a in layers], ids,
-                        [a["mem_k_scale"] for a in layers] if scaled else None,
-                        [a["mem_v_scale"] for a in layers] if scaled else None)
-    mem = bank.gather(rows)  # [L, 2, B, k, Hkv, M, D], decoded by the bank's codec
-    slots = torch.arange(B * k).view(B, k)
-    ids = torch.where(rows >= 0, slots, -1).to(torch.int32)[:, None].expand(B, n_chunk, k).contiguous()
-    return Memories([m[0].flatten(0, 1).to(device, model.dtype) for m in mem],
-                    [m[1].flatten(0, 1).to(device, model.dtype) for m in mem], ids.to(device))
+    arrays, as in generation with an in-place codec; the per-layer arrays are looked up once
+    here, so a question costs one small ids tensor. Else the rows are gathered and decoded."""
+
+    def __init__(self, bank, model: Memory3Model, in_place: bool | None = None) -> None:
+        self.bank, self.model = bank, model
+        if in_place is None:
+            first = bank.layer_bank(0) if bank.codec.in_place else None
+            in_place = first is not None and first["mem_k"].device == model.device and (
+                first["mem_k_scale"] is not None or first["mem_k"].dtype == model.dtype)
+        self.in_place = in_place
+        if in_place:
+            layers = [bank.layer_bank(i) for i in range(bank.shape.layers)]
+            scaled = layers[0]["mem_k_scale"] is not None
+            self.k, self.v = [a["mem_k"] for a in layers], [a["mem_v"] for a in layers]
+            self.k_scale = [a["mem_k_scale"] for a in layers] if scaled else None
+            self.v_scale = [a["mem_v_scale"] for a in layers] if scaled else None
+
+    def __call__(self, rows: torch.Tensor, n_chunk: int) -> Memories:
+        B, k = rows.shape
+        device = self.model.device
+        if self.in_place:
+            ids = rows.to(device, torch.int32)[:, None]  # -1 stays empty
+            if n_chunk > 1:
+                ids = ids.expand(B, n_chunk, k).contiguous()
+            return Memories(self.k, self.v, ids, self.k_scale, self.v_scale)
+        mem = self.bank.gather(rows)  # [L, 2, B, k, Hkv, M, D], decoded by the bank's codec
+        slots = torch.arange(B * k).view(B, k)
+        ids = torch.where(rows >= 0, slots, -1).to(torch.int32)[:, None].expand(B, n_chunk, k).contiguous()
+        dtype = self.model.dtype
+        return Memories([m[0].flatten(0, 1).to(device, dtype) for m in mem],
+                        [m[1].flatten(0, 1).to(device, dtype) for m in mem], ids.to(device))
 
 
 class Answerer:
@@ -136,6 +154,7 @@ class Answerer:
             raise ValueError(f"mode {mode!r} needs k >= 1 retrieved references, got {k}")
         self.model, self.tokenizer, self.mode, self.k = model, tokenizer, mode, k
         self.bank, self.texts, self.kv_store = bank, texts or {}, kv_store
+        self.reader = MemoryReader(bank, model) if mode == "memory" else None
 
     def _context(self, rows: list[int]) -> list[int]:
         """Tokens before the question: the head, plus the biographies' text for RAG."""
@@ -162,7 +181,7 @@ class Answerer:
         tokens = pad_rows(seqs, c.pad_id).to(m.device)
         memories = None
         if self.mode == "memory":
-            memories = memories_for(self.bank, rows, n_chunks(c, tokens.shape[1]), m)
+            memories = self.reader(rows, n_chunks(c, tokens.shape[1]))
         return m(tokens, memories), [len(h) for h in heads]
 
     @torch.inference_mode()
@@ -181,18 +200,15 @@ class Answerer:
         return out
 
     @torch.inference_mode()
-    def time_question(self, question: Question, retriever, n_decode: int) -> tuple[float, float, float]:
-        """(seconds to the first token, seconds of it spent retrieving, decode tokens/s) for one
-        question at batch 1, retrieval included for the modes that retrieve."""
+    def time_question(self, question: Question, rows: torch.Tensor, n_decode: int) -> tuple[float, float]:
+        """(seconds from the retrieved ``rows`` [1, >= k] to the first greedy token, decode
+        tokens/s) for one question at batch 1."""
         m, c = self.model, self.model.config
+        rows = rows[:, :self.k] if self.mode != "none" else rows[:, :0]
         _sync(m.device)
         t0 = time.perf_counter()
-        rows = torch.full((1, 0), -1, dtype=torch.long)
-        if self.mode != "none":
-            rows = retrieve(retriever, self.tokenizer, [question], self.k).rows
-        t_retrieved = time.perf_counter()
         prompt = self.tokenizer.encode(" " + question.prompt)
-        if self.mode == "rag":
+        if self.mode == "rag":  # the biographies' text, read from the bank's metadata
             found = self.bank.references([r for r in rows[0].tolist() if r >= 0])
             self.texts = {**self.texts, **{ref.row: ref.text for ref in found}}
         if self.mode == "fullkv":
@@ -205,9 +221,7 @@ class Answerer:
             n = len(ids)
             cache = m.new_cache(1, n + n_decode)
             tokens = torch.tensor([ids], device=m.device)
-            memories = None
-            if self.mode == "memory":
-                memories = memories_for(self.bank, rows, n_chunks(c, n + n_decode), m)
+            memories = self.reader(rows, n_chunks(c, n + n_decode)) if self.mode == "memory" else None
         lens = torch.tensor([n], dtype=torch.int32, device=m.device)
         logits = m(tokens, memories, cache=cache, kv_lens=lens, logits_at=torch.tensor([tokens.shape[1] - 1]))
         token = logits[:, -1].argmax(-1)
@@ -219,17 +233,40 @@ class Answerer:
             lens = torch.tensor([n], dtype=torch.int32, device=m.device)
             token = m(token[:, None], memories, cache=cache, kv_lens=lens)[:, -1].argmax(-1)
         _sync(m.device)
-        return ttft, t_retrieved - t0, n_decode / (time.perf_counter() - t1)
+        return ttft, n_decode / (time.perf_counter() - t1) if n_decode else float("nan")
 
-    def timing(self, questions: Sequence[Question], retriever, n_decode: int) -> dict:
-        """Medians over the questions (after one untimed warm-up question): time to first token
-        (ms), the part of it spent retrieving (ms) and decode tokens/s."""
-        self.time_question(questions[0], retriever, n_decode)
-        runs = [self.time_question(q, retriever, n_decode) for q in questions]
-        return {"ttft_ms": 1e3 * statistics.median(r[0] for r in runs),
-                "retrieval_ms": 1e3 * statistics.median(r[1] for r in runs),
-                "prefill_ms": 1e3 * statistics.median(r[0] - r[1] for r in runs),
-                "decode_tok_s": statistics.median(r[2] for r in runs), "timed_questions": len(runs)}
+
+def time_methods(answerers: dict[str, Answerer], questions: Sequence[Question], retriever, n_decode: int,
+                 repeats: int = 1) -> dict[str, dict]:
+    """Per method name: medians over questions x repeats of time to first token (ms; the
+    shared retrieval + the method's own part), its parts, and decode tokens/s (module
+    docstring: one retrieval per question, methods interleaved in a rotated order)."""
+    if not answerers or not questions or repeats < 1:
+        raise ValueError("time_methods needs answerers, questions and repeats >= 1")
+    names = list(answerers)
+    k = max(a.k for a in answerers.values())
+    tokenizer = next(iter(answerers.values())).tokenizer
+    runs: dict[str, list[tuple[float, float, float]]] = {n: [] for n in names}
+    warm = True  # one untimed pass first
+    for j, q in enumerate([questions[0]] + [q for _ in range(repeats) for q in questions]):
+        rows, t_ret = torch.full((1, 0), -1, dtype=torch.long), 0.0
+        if k:
+            t0 = time.perf_counter()
+            rows = retrieve(retriever, tokenizer, [q], k).rows
+            t_ret = time.perf_counter() - t0
+        for name in names[j % len(names):] + names[:j % len(names)]:
+            a = answerers[name]
+            ttft, tok_s = a.time_question(q, rows, n_decode)
+            if not warm:
+                runs[name].append((t_ret if a.mode != "none" else 0.0, ttft, tok_s))
+        warm = False
+    out = {}
+    for name, r in runs.items():
+        out[name] = {"ttft_ms": 1e3 * statistics.median(x[0] + x[1] for x in r),
+                     "retrieval_ms": 1e3 * statistics.median(x[0] for x in r),
+                     "prefill_ms": 1e3 * statistics.median(x[1] for x in r),
+                     "decode_tok_s": statistics.median(x[2] for x in r), "timed_questions": len(r)}
+    return out
 
 
 def _sync(device: torch.device) -> None:

@@ -191,7 +191,11 @@ def write_report(out: Path, results: dict, sizes, wall_s: float, bank_shape: tup
         "Headline: explicit memory top-5 (the paper reads 5 per chunk); top-1 shown beside it.", "",
         f"Settings: {sizes.n_train} train + {sizes.n_heldout} held-out people, training steps {sizes.steps} at "
         f"batch {sizes.batch_size}, small model {sizes.small}, larger model {sizes.large}; "
-        f"timing over {sizes.timed_questions} questions, {sizes.decode_tokens} decode steps each.", "",
+        f"timing over {sizes.timed_questions} questions x {sizes.timing_repeats} repeats at batch 1, "
+        f"{sizes.decode_tokens} decode steps each: each question is retrieved once (the shared retrieval step) and "
+        "every method then runs from the same retrieved rows to its first token, methods interleaved in a "
+        "rotated order; TTFT = that retrieval + the method's own part (bank read / text fetch and tokenize / "
+        "stored key-value copy, then prefill), medians.", "",
         "## Targets", "",
         "| target | measured | met |", "|---|---|---|",
         *[f"| {c['target']} | {c['measured']} | {'yes' if c['met'] else '**MISSED**'} |" for c in checks], "",
