@@ -21,7 +21,7 @@ bool rows_aligned(const void* ptr, int elem_bytes, std::initializer_list<int64_t
 }  // namespace
 
 bool prefill_supports(const MemoryAttentionParams& p, bool int8_bank) {
-  if (p.D != 64 && p.D != 80 && p.D != 96 && p.D != 128) return false;
+  if (p.D != 32 && p.D != 64 && p.D != 80 && p.D != 96 && p.D != 128) return false;
   if (p.Hkv <= 0 || p.Hq % p.Hkv != 0 || p.chunk_size < 1 || p.chunk_start < 0) return false;
   if (int8_bank && (p.mem_k_scale == nullptr || p.mem_v_scale == nullptr)) return false;
   const int e = 2;  // bf16 / fp16

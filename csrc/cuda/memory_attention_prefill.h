@@ -10,7 +10,7 @@ namespace memory3 {
 
 enum class PrefillDtype { bf16, fp16 };
 
-// True when the kernel serves this call: head dim 64, 80, 96 or 128; every row of q, k, v and
+// True when the kernel serves this call: head dim 32, 64, 80, 96 or 128; every row of q, k, v and
 // the bank 16-byte aligned (pointers and strides); out and lse contiguous as params.h says;
 // mem_ids and kv_lens already checked on the host (ids in [-1, N), kv_lens in [0, S], the
 // table covering every query).

@@ -1,4 +1,4 @@
-// The bf16 instantiations of the prefill kernel (head dims 64, 80, 96, 128; float and int8 banks).
+// The bf16 instantiations of the prefill kernel (head dims 32, 64, 80, 96, 128; float and int8 banks).
 #include "memory3/prefill_attention.cuh"
 #include "memory3/prefill_mma.cuh"
 #include "memory_attention_prefill.h"

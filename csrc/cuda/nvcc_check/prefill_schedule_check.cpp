@@ -102,7 +102,7 @@ void check_shape(const Shape& s) {
 // ldmatrix reads 8 rows of 16 bytes at once: with the padded pitch they must fall in 8
 // distinct 16-byte bank groups (128 bytes = 32 banks of 4 bytes).
 void check_pitch() {
-  for (int D : {64, 80, 96, 128}) {
+  for (int D : {32, 64, 80, 96, 128}) {
     std::set<int> groups;
     for (int r = 0; r < 8; ++r) groups.insert((r * smem_pitch(D) * 2) % 128 / 16);
     CHECK(groups.size() == 8, "D=%d pitch %d: ldmatrix rows share bank groups", D, smem_pitch(D));

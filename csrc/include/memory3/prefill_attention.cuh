@@ -312,6 +312,7 @@ void launch_forward(const MemoryAttentionParams& p, cudaStream_t stream) {
 template <typename Elem>
 bool launch_forward_dims(const MemoryAttentionParams& p, bool int8_bank, cudaStream_t stream) {
   switch (p.D) {
+    case 32: int8_bank ? launch_forward<Elem, 32, true>(p, stream) : launch_forward<Elem, 32, false>(p, stream); return true;
     case 64: int8_bank ? launch_forward<Elem, 64, true>(p, stream) : launch_forward<Elem, 64, false>(p, stream); return true;
     case 80: int8_bank ? launch_forward<Elem, 80, true>(p, stream) : launch_forward<Elem, 80, false>(p, stream); return true;
     case 96: int8_bank ? launch_forward<Elem, 96, true>(p, stream) : launch_forward<Elem, 96, false>(p, stream); return true;

@@ -25,7 +25,7 @@ namespace memory3::prefill {
 constexpr int kBlockN = 64;  // keys per block (memory or context)
 
 // Elements between two rows of a shared-memory tile: 16 bytes of padding make the 8 row
-// addresses of one ldmatrix land in 8 distinct 16-byte bank groups for D = 64, 80, 96, 128.
+// addresses of one ldmatrix land in 8 distinct 16-byte bank groups for D = 32, 64, 80, 96, 128.
 constexpr M3_PREFILL_HD int smem_pitch(int D) { return D + 8; }
 
 // Dynamic shared memory of the forward kernel: Q tile, two stages of K and V, and per stage

@@ -1,0 +1,298 @@
+"""memory_attention on CUDA for prefill and chunked prefill (T > 16: the tensor-core kernel of
+csrc/include/memory3/prefill_attention.cuh for bf16/fp16 at head dims 32, 64, 80, 96, 128)
+and its backward (csrc/include/memory3/memory_attention_backward.cuh), held to
+memory3.reference in float64 on fresh random inputs. Skipped without a CUDA device.
+
+Tolerances. bf16/fp16 outputs follow FlashAttention's rule: the max error against float64
+is at most twice that of the reference computed in the low precision itself, and the
+relative L2 error is what bf16/fp16 operands give (the kernel rounds P to the input dtype
+before P V, as FlashAttention does). lse is computed from float32 scores: 1e-4.
+Every output is poisoned (NaN in the allocator's cached blocks) before each run."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memory3 import ops
+from memory3.reference import memory_attention_ref
+from memory3.testing import AttentionCase, require_kernel
+
+pytestmark = pytest.mark.cuda
+
+LOW = [torch.bfloat16, torch.float16]
+REL_L2 = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@pytest.fixture(autouse=True)
+def cuda_kernels():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    require_kernel("memory_attention", "cuda")
+    require_kernel("memory_attention_backward", "cuda")
+
+
+@dataclasses.dataclass
+class FreshCase(AttentionCase):
+    """An AttentionCase whose inputs are drawn fresh per run (salt enters the seed); the salt
+    is in every failure message, so a failure reproduces."""
+
+    salt: int = dataclasses.field(default_factory=lambda: random.SystemRandom().randrange(2**31))
+
+
+def poison(*like: tuple[tuple, torch.dtype]) -> None:
+    """Fill blocks of the caching allocator of these sizes with NaN and free them: the op's own
+    outputs of the same sizes reuse them, so an element the kernel never writes stays NaN."""
+    junk = [torch.full(shape, float("nan"), dtype=dtype, device="cuda") for shape, dtype in like]
+    del junk
+
+
+def run(args: dict):
+    q = args["q"]
+    B, T, Hq, _ = q.shape
+    poison((tuple(q.shape), q.dtype), ((B, Hq, T), torch.float32))
+    out, lse = ops.memory_attention(**args)
+    torch.cuda.synchronize()
+    return out, lse
+
+
+def exact(args: dict):
+    """The reference on the same inputs upcast to float64 (on the CPU)."""
+    wide = {n: (t.detach().cpu().double() if t.is_floating_point() and n not in ("mem_k_scale", "mem_v_scale")
+                else t.detach().cpu()) if isinstance(t, torch.Tensor) else t for n, t in args.items()}
+    return memory_attention_ref(**wide)
+
+
+def assert_flash_rule(out, lse, args, case):
+    ref_out, ref_lse = exact(args)
+    low_out, _ = memory_attention_ref(**args, compute_dtype=out.dtype)
+    got = out.detach().cpu().double()
+    assert not torch.isnan(got).any(), f"{case}: unwritten (NaN) outputs"
+    err = (got - ref_out).abs().max().item()
+    low_err = (low_out.cpu().double() - ref_out).abs().max().item()
+    assert err <= 2 * low_err + 1e-5, f"{case}: max error {err:.3g} > 2 x {low_err:.3g} (reference in {out.dtype})"
+    rel = ((got - ref_out).norm() / ref_out.norm().clamp(min=1e-30)).item()
+    assert rel < REL_L2[out.dtype], f"{case}: relative L2 error {rel:.3g}"
+    lse = lse.cpu()
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), f"{case}: queries that see nothing differ"
+    seen = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[seen], ref_lse[seen].float(), atol=1e-4, rtol=1e-4, msg=lambda m: f"{case}: {m}")
+    padded = ~seen  # queries that see no key: zero output
+    assert (got.transpose(1, 2)[padded] == 0).all(), f"{case}: padded queries must give 0"
+
+
+SHAPES = {  # T, S, kv_lens, chunk grid: every T > 16 (the prefill kernel)
+    "prefill": dict(T=150, S=150, chunk_size=64, chunk_start=0),
+    "chunked_prefill": dict(T=77, S=300, chunk_size=64, chunk_start=5),
+    "ragged": dict(T=90, S=200, kv_lens=[200, 60], chunk_size=64, chunk_start=0),  # 30 padded queries
+    "odd_chunks": dict(T=45, S=110, chunk_size=7, chunk_start=3),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("D", [32, 64, 80, 96, 128])
+@pytest.mark.parametrize("dtype", LOW)
+def test_prefill_forward(dtype, D, shape):
+    case = FreshCase(B=2, Hq=10, Hkv=2, D=D, N=50, M=8, R=5, dtype=dtype, **SHAPES[shape])  # GQA 5
+    args = case.make("cuda")
+    out, lse = run(args)
+    assert_flash_rule(out, lse, args, case)
+
+
+@pytest.mark.parametrize("Hq,Hkv,D", [(40, 8, 80), (32, 8, 128), (8, 8, 64), (16, 1, 64)])
+def test_prefill_forward_model_shapes(Hq, Hkv, D):
+    """The paper's shape (GQA 5, D=80), D=128 with GQA 4, no GQA, and GQA 16 (a tile of 4 queries)."""
+    case = FreshCase(B=2, T=130, S=130, Hq=Hq, Hkv=Hkv, D=D, N=300, chunk_size=64, chunk_start=0,
+                     dtype=torch.bfloat16)
+    args = case.make("cuda")
+    assert_flash_rule(*run(args), args, case)
+
+
+@pytest.mark.parametrize("R,M", [(9, 8), (1, 1), (0, 8)])
+def test_prefill_memory_blocks(R, M):
+    """More memory keys per chunk than one block (72 > 64), a single key, and no memory at all."""
+    case = FreshCase(B=2, T=70, S=100, Hq=8, Hkv=2, D=64, R=R, M=M, N=20, chunk_size=16, chunk_start=2,
+                     dtype=torch.bfloat16)
+    args = case.make("cuda")
+    assert_flash_rule(*run(args), args, case)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("D", [64, 80, 128])
+def test_prefill_int8_bank(dtype, D):
+    """int8 codes go through the MMAs exactly; the scales are applied to S and P in float32."""
+    case = FreshCase(B=2, T=100, S=160, Hq=10, Hkv=2, D=D, N=40, int8_bank=True, dtype=dtype,
+                     kv_lens=[160, 120], chunk_size=64, chunk_start=4)
+    args = case.make("cuda")
+    assert_flash_rule(*run(args), args, case)
+
+
+def test_prefill_all_slots_empty_is_causal_sdpa():
+    case = FreshCase(B=2, T=120, S=120, Hq=8, Hkv=2, D=64, dtype=torch.bfloat16, empty_slot_frac=1.0)
+    args = case.make("cuda")
+    out, _ = run(args)
+    q, k, v = (args[n].transpose(1, 2) for n in ("q", "k", "v"))
+    k, v = (x.repeat_interleave(4, dim=1) for x in (k, v))
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).transpose(1, 2)
+    rel = ((out.float() - want).norm() / want.norm()).item()
+    assert rel < 1e-2, rel
+
+
+def test_prefill_agrees_with_cpu_kernel():
+    case = FreshCase(B=2, T=64, S=130, Hq=10, Hkv=2, D=80, dtype=torch.bfloat16, kv_lens=[130, 70], chunk_size=64)
+    args = case.make("cuda")
+    out, lse = run(args)
+    cpu_out, cpu_lse = ops.memory_attention(**{n: t.cpu() if isinstance(t, torch.Tensor) else t for n, t in args.items()})
+    rel = ((out.cpu().float() - cpu_out.float()).norm() / cpu_out.float().norm()).item()
+    assert rel < 1e-2, (case, rel)
+    assert torch.equal(torch.isneginf(lse.cpu()), torch.isneginf(cpu_lse))
+
+
+def test_prefill_strided_and_unaligned_inputs():
+    """k/v a prefix of a bigger cache, q a view (the kernel reads strides); q at an odd element
+    offset (not 16-byte aligned: the launcher falls back to a correct path)."""
+    case = FreshCase(B=2, T=40, S=60, Hq=8, Hkv=2, D=64, dtype=torch.bfloat16)
+    args = case.make("cuda")
+    want, _ = run(args)
+    big_k = torch.randn(2, 100, 2, 64, device="cuda", dtype=torch.bfloat16)
+    big_k[:, :60] = args["k"]
+    strided = dict(args, k=big_k[:, :60], q=args["q"].transpose(1, 2).contiguous().transpose(1, 2))
+    torch.testing.assert_close(run(strided)[0], want, rtol=0, atol=0)
+    flat = torch.empty(args["q"].numel() + 1, device="cuda", dtype=torch.bfloat16)
+    odd_q = flat[1:].view_as(args["q"])
+    odd_q.copy_(args["q"])
+    got, _ = run(dict(args, q=odd_q))
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+
+
+def test_prefill_is_deterministic():
+    case = FreshCase(B=2, T=100, S=100, Hq=10, Hkv=2, D=80, dtype=torch.bfloat16)
+    args = case.make("cuda")
+    a, b = run(args), run(args)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# ---------------------------------------------------------------------------- backward
+
+
+def grads_against_reference(args: dict, names: tuple, case, rel_tol: float):
+    leaves = [args[n] for n in names]
+    out, lse = ops.memory_attention(**args)
+    g = torch.Generator().manual_seed(case.salt)
+    dout = torch.randn(out.shape, generator=g).to("cuda")
+    dlse = torch.randn(lse.shape, generator=g).to("cuda")
+    loss = (out.float() * dout).sum() + (lse.nan_to_num(neginf=0.0) * dlse).sum()
+    grads = torch.autograd.grad(loss, leaves)
+
+    ref_leaves = [t.detach().cpu().double().requires_grad_() for t in leaves]
+    rest = {n: (t.detach().cpu() if isinstance(t, torch.Tensor) else t) for n, t in args.items() if n not in names}
+    ref_out, ref_lse = memory_attention_ref(**rest, **dict(zip(names, ref_leaves)))
+    seen = torch.isfinite(ref_lse)
+    ref_loss = (ref_out * dout.cpu().double()).sum() + (ref_lse.double()[seen] * dlse.cpu().double()[seen]).sum()
+    ref_grads = torch.autograd.grad(ref_loss, ref_leaves)
+    for name, got, want in zip(names, grads, ref_grads):
+        assert want.abs().sum() > 0, f"d{name} is all zero: the case does not exercise it"
+        got = got.cpu().double()
+        assert not torch.isnan(got).any(), f"{case}: d{name} has NaN"
+        rel = ((got - want).norm() / want.norm()).item()
+        assert rel < rel_tol, f"{case}: d{name} relative error {rel:.3g}"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype,rel_tol", [(torch.bfloat16, 2e-2), (torch.float16, 5e-3), (torch.float32, 1e-4),
+                                           (torch.float64, 1e-6)])
+def test_backward_matches_reference(dtype, rel_tol, shape):
+    """dq, dk, dv, dmem_k, dmem_v with dlse, repeated ids (a bank of 6 rows), GQA 5, D=80."""
+    case = FreshCase(B=2, Hq=10, Hkv=2, D=80, N=6, dtype=dtype, **SHAPES[shape])
+    grads_against_reference(case.make("cuda", requires_grad=True), ("q", "k", "v", "mem_k", "mem_v"), case, rel_tol)
+
+
+def test_backward_int8_bank():
+    case = FreshCase(B=2, T=50, S=90, Hq=8, Hkv=2, D=64, N=6, int8_bank=True, dtype=torch.float32,
+                     kv_lens=[90, 40], chunk_size=16)
+    grads_against_reference(case.make("cuda", requires_grad=True), ("q", "k", "v"), case, 1e-4)
+
+
+def test_backward_memory_grads_are_deterministic():
+    """Repeated ids add up slot by slot in a fixed order: two runs agree bit for bit."""
+    case = FreshCase(B=3, T=64, S=128, Hq=8, Hkv=2, D=64, N=3, dtype=torch.float32, chunk_size=16)
+    args = case.make("cuda", requires_grad=True)
+    leaves = [args[n] for n in ("q", "k", "v", "mem_k", "mem_v")]
+
+    def grads():
+        out, lse = ops.memory_attention(**args)
+        return torch.autograd.grad(out.square().sum() + lse.nan_to_num(neginf=0.0).sum(), leaves)
+
+    for a, b in zip(grads(), grads()):
+        assert torch.equal(a, b)
+
+
+def test_torch_compile_fullgraph_with_backward():
+    case = FreshCase(B=2, T=48, S=100, Hq=10, Hkv=2, D=80, dtype=torch.bfloat16)
+    args = case.make("cuda", requires_grad=True)
+
+    def layer(q, k, v, mem_k, mem_v):
+        out, lse = ops.memory_attention(q, k, v, mem_k, mem_v, args["mem_ids"], chunk_size=case.chunk_size,
+                                        chunk_start=case.chunk_start)
+        return F.silu(out.float()).square().mean() + lse.mean()
+
+    leaves = [args[n] for n in ("q", "k", "v", "mem_k", "mem_v")]
+    loss = torch.compile(layer, fullgraph=True)(*leaves)
+    grads = torch.autograd.grad(loss, leaves)
+    eager_loss = layer(*leaves)
+    eager_grads = torch.autograd.grad(eager_loss, leaves)
+    torch.testing.assert_close(loss, eager_loss)
+    for got, want in zip(grads, eager_grads):
+        torch.testing.assert_close(got, want)
+
+
+# ---------------------------------------------------------------------------- the model
+
+
+def test_training_step_small_preset_matches_cpu():
+    """One training step of the `small` preset (head dim 32, GQA 4) with memories on CUDA: the
+    loss and every gradient (memories included) match the same step on the CPU in float32; under
+    bf16 autocast (the trainer's default on CUDA) the loss stays within bf16 rounding of it and
+    an AdamW step lowers it."""
+    from memory3.model import Memories, Memory3Config, Memory3Model
+
+    torch.manual_seed(0)
+    config = Memory3Config.preset("small", vocab_size=512)
+    model = Memory3Model(config)
+    g = torch.Generator().manual_seed(1)
+    B, S = 2, 150
+    tokens = torch.randint(4, config.vocab_size, (B, S), generator=g)
+    C = -(-S // config.chunk_size)
+    memory = torch.randn(9, *config.memory_shape, generator=g) * 0.5
+    ids = torch.randint(0, 9, (B, C, config.memories_per_chunk), generator=g, dtype=torch.int32)
+    ids[torch.rand(ids.shape, generator=g) < 0.2] = -1
+
+    def step(m, device, autocast=False):
+        dtype = torch.bfloat16 if autocast else torch.float32  # memories come in the model's compute dtype
+        mem = memory.detach().to(device, dtype).requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            logits = m(tokens.to(device), Memories.from_stacked(mem, ids.to(device)))
+            loss = F.cross_entropy(logits.float().flatten(0, 1)[:-1], tokens.to(device).flatten()[1:])
+        loss.backward()
+        return loss, mem.grad
+
+    cpu_model, cuda_model = model, copy.deepcopy(model).cuda()
+    cpu_loss, cpu_mem_grad = step(cpu_model, "cpu")
+    cuda_loss, cuda_mem_grad = step(cuda_model, "cuda")
+    torch.testing.assert_close(cuda_loss.cpu(), cpu_loss, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cuda_mem_grad.cpu(), cpu_mem_grad, rtol=2e-3, atol=1e-5)
+    for (name, a), b in zip(cpu_model.named_parameters(), cuda_model.parameters()):
+        torch.testing.assert_close(b.grad.cpu(), a.grad, rtol=2e-3, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+    cuda_model.zero_grad()
+    opt = torch.optim.AdamW(cuda_model.parameters(), lr=1e-3)
+    bf16_loss, _ = step(cuda_model, "cuda", autocast=True)
+    assert abs(bf16_loss.item() - cuda_loss.item()) < 0.02 * cuda_loss.item()
+    opt.step()
+    cuda_model.zero_grad()
+    after, _ = step(cuda_model, "cuda", autocast=True)
+    assert after.item() < bf16_loss.item()
