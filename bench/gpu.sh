@@ -36,6 +36,13 @@ tail -15 "$OUT/tests.log"
 echo "== benchmarks"
 python3 bench/table.py >"$OUT/table.md" 2>&1 || { tail -30 "$OUT/table.md"; exit 1; }
 cat "$OUT/table.md"
+# Prefill forward/backward (issue 13): sanitizers on one small call, then the timed table.
+for tool in memcheck racecheck; do
+  compute-sanitizer --tool "$tool" --error-exitcode 1 python3 bench/bench_gpu_prefill.py --sanitize-case \
+    >"$OUT/sanitize_prefill_$tool.log" 2>&1 || { echo "compute-sanitizer $tool (prefill): see $OUT/sanitize_prefill_$tool.log"; tail -20 "$OUT/sanitize_prefill_$tool.log"; }
+done
+python3 bench/bench_gpu_prefill.py --json >"$OUT/prefill.md" 2>&1 || { tail -30 "$OUT/prefill.md"; exit 1; }
+grep -v '^{' "$OUT/prefill.md"
 
 if [ "$tests" -ne 0 ]; then
   echo "tests failed (pytest exit $tests): see $OUT/tests.log" >&2
