@@ -321,3 +321,16 @@ def test_loss_reads_logits_only_at_the_targets(tokenizer):
         for bad in (where[:, 1:], where.long()):
             with pytest.raises(ValueError, match="logits_where must be a bool tensor"):
                 model(b.tokens, logits_where=bad)
+
+
+def test_curriculum_holds_one_memory_first():
+    """curriculum_start: one memory for that share of the steps, then the ramp to
+    max_memories over curriculum_frac; the recipe is read from a TrainConfig's fields."""
+    tc = TrainConfig.recipe_defaults("single-stage", steps=100, curriculum_start=0.4, curriculum_frac=0.2,
+                                     right_first=0.8)
+    recipe = SyntheticRecipe.from_config(tc)
+    assert (recipe.curriculum_start, recipe.curriculum_frac, recipe.right_first, recipe.max_memories) == (0.4, 0.2, 0.8, 5)
+    assert [recipe.memories_at(s, 100) for s in (0, 39, 40, 45, 50, 55, 60, 99)] == [1, 1, 1, 2, 3, 4, 5, 5]
+    assert SyntheticRecipe(curriculum_start=1.0).memories_at(99, 100) == 1
+    with pytest.raises(ValueError, match="curriculum_start"):
+        SyntheticRecipe(curriculum_start=1.5)

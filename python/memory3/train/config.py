@@ -55,6 +55,7 @@ class TrainConfig:
     rag_references: int = 1
     right_first: float | None = None
     questions_per_sample: int = 5
+    curriculum_start: float = 0.0
     extra: dict = field(default_factory=dict)  # free-form notes saved with the run
 
     def __post_init__(self) -> None:

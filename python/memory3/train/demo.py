@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -106,15 +107,47 @@ class AllBiographiesTask:
         return Batch(pad_rows([s[0] for s in samples], self.config.pad_id), pad_rows([s[1] for s in samples], IGNORE))
 
 
+class TextCachedEmbedder:
+    """An embedder that embeds each text once: both banks hold the same biographies (95% of
+    a bank's encoding time was the embedder). Banks only; retrieval is timed, so it uses the
+    plain embedder."""
+
+    def __init__(self, embedder) -> None:
+        self.inner, self.cache = embedder, {}
+        self.name, self.dim = embedder.name, embedder.dim
+
+    def spec(self) -> dict:
+        return self.inner.spec()
+
+    def embed(self, texts, *, batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
+        texts = list(texts)
+        todo = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        if todo:
+            self.cache.update(zip(todo, self.inner.embed(todo, batch_size=batch_size, progress=progress)))
+        return torch.stack([self.cache[t] for t in texts]) if texts else self.inner.embed([])
+
+
+def idle_cores(own_threads: float = 0.0) -> int:
+    """CPU cores not busy with other work: the cores less the 1-minute load average (less
+    ``own_threads``, this process's share of it), at least 1. On the 2-core machine shared
+    with other jobs (load ~5), a training step took 4.3 s with 2 threads against 0.74 s with
+    1: a thread without a core of its own stalls the others at every barrier."""
+    cores = os.cpu_count() or 1
+    others = max(0.0, os.getloadavg()[0] - own_threads)
+    return max(1, min(cores, int(cores - others + 0.5)))
+
+
 class Demo:
     def __init__(self, out: str | Path, sizes: DemoSizes, *, seed: int = 0, device: str = "cpu",
-                 progress: bool = True) -> None:
+                 progress: bool = True, threads: int = 0) -> None:
+        """threads: torch CPU threads, or 0: chosen before each stage from the idle cores."""
         self.out, self.sizes, self.seed, self.device, self.progress = Path(out), sizes, seed, device, progress
+        self.threads, self._own_load = threads, 0.0
         self.kb = SyntheticKnowledgeBase(SyntheticConfig(n_train=sizes.n_train, n_heldout=sizes.n_heldout,
                                                          n_names=sizes.n_names, seed=seed))
         self.results: dict = {}
         self.t_start = time.perf_counter()
-        self._embedder = None
+        self._embedder = self._bank_embedder = None
 
     # ------------------------------------------------------------------ stage bookkeeping
 
@@ -125,10 +158,20 @@ class Demo:
             self.log(f"{name}: done before, reusing {path}")
             result = json.loads(path.read_text())
         else:
-            self.log(f"{name} ...")
+            threads = self.threads
+            if not threads and self.device == "cpu":
+                threads = idle_cores(self._own_load)
+            if threads:
+                torch.set_num_threads(threads)
+            load = os.getloadavg()[0]
+            self.log(f"{name} ... ({torch.get_num_threads()} threads, load average {load:.1f})")
             t0 = time.perf_counter()
             result = fn()
             result["stage_seconds"] = round(time.perf_counter() - t0, 2)
+            result["threads"] = torch.get_num_threads()
+            # what this stage added to the 1-minute load average (a short one: little)
+            self._own_load = result["threads"] * min(1.0, result["stage_seconds"] / 60)
+            result["load_average"] = [round(load, 2), round(os.getloadavg()[0], 2)]  # at start, at end
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(result, indent=2) + "\n")
@@ -181,8 +224,7 @@ class Demo:
             make_task = lambda r, w, m: AllBiographiesTask(self.kb, tok, config, micro_batch=m, seed=self.seed,  # noqa: E731
                                                            rank=r, world_size=w)
         else:
-            recipe = SyntheticRecipe(tc.rag_share, tc.max_memories, tc.curriculum_frac, tc.rag_references,
-                                     tc.right_first, tc.questions_per_sample)
+            recipe = SyntheticRecipe.from_config(tc)
             make_task = lambda r, w, m: SyntheticTask(self.kb, tok, config, recipe=recipe, total_steps=steps,  # noqa: E731
                                                       micro_batch=m, seed=self.seed, rank=r, world_size=w)
         from memory3.train.distributed import DistInfo
@@ -207,7 +249,9 @@ class Demo:
         model, tok = self.load(variant), self.tokenizer
         records = [KBRecord(r["id"], r["text"], r["source"]) for r in self.kb.references()]
         path = self.out / "banks" / variant
-        bank, stats = encode_knowledge_base(records, path, model, tok, self.embedder, codec="int8",
+        if self._bank_embedder is None:
+            self._bank_embedder = TextCachedEmbedder(self.embedder)
+        bank, stats = encode_knowledge_base(records, path, model, tok, self._bank_embedder, codec="int8",
                                             progress=self.progress)
         result = {"path": str(path), "rows": bank.rows, "codec": bank.codec.name,
                   "bytes_per_memory": bank.bytes_per_memory(), "bank_bytes": bank.nbytes(),
@@ -312,7 +356,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="knowledge base, initialisation and data seed")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (0: torch's default); 1 is fastest on a machine busy with other work")
+                   help="torch CPU threads (default 0: before each stage, the cores not busy with other work "
+                        "by the load average)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or stage lines")
 
 
@@ -321,15 +366,13 @@ def run_from_args(args: argparse.Namespace) -> int:
         raise ValueError(f"--scale must be > 0, got {args.scale}")
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0, got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
     sizes = DemoSizes.quick() if args.quick else DemoSizes.default(args.scale)
     if args.quick and args.scale != 1.0:
         sizes.steps = {k: max(1, int(v * args.scale)) for k, v in sizes.steps.items()}
-    report = Demo(args.out, sizes, seed=args.seed, device=device, progress=not args.quiet).run()
+    report = Demo(args.out, sizes, seed=args.seed, device=device, progress=not args.quiet, threads=args.threads).run()
     print(report["table"])
     print(f"\nreport: {Path(args.out) / 'report.md'}")
     return 0

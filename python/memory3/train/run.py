@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                     ("schedule", str), ("warmup_frac", float), ("decay_frac", float), ("min_lr_ratio", float),
                     ("weight_decay", float), ("clip", float), ("precision", str), ("seed", int),
                     ("checkpoint_every", int), ("parallel", str), ("rag_share", float), ("max_memories", int),
-                    ("curriculum_frac", float), ("rag_references", int), ("right_first", float),
+                    ("curriculum_frac", float), ("curriculum_start", float), ("rag_references", int), ("right_first", float),
                     ("questions_per_sample", int), ("leak_threshold", float), ("ref_window", int)):
         t.add_argument("--" + f.replace("_", "-"), type=kind, dest="tc_" + f)
     return p
@@ -154,8 +154,7 @@ def train_from_args(args: argparse.Namespace) -> int:
     model = make_model(args, tokenizer)
     mc = model.config
     if args.recipe == "single-stage":
-        recipe = SyntheticRecipe(config.rag_share, config.max_memories, config.curriculum_frac, config.rag_references,
-                                 config.right_first, config.questions_per_sample)
+        recipe = SyntheticRecipe.from_config(config)
         make_task = lambda r, w, m: SyntheticTask(kb, tokenizer, mc, recipe=recipe, total_steps=config.steps,  # noqa: E731
                                                    micro_batch=m, seed=config.seed, rank=r, world_size=w)
     else:
