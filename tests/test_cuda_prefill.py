@@ -1,6 +1,7 @@
 """memory_attention on CUDA for prefill and chunked prefill (T > 16: the tensor-core kernel of
 csrc/include/memory3/prefill_attention.cuh for bf16/fp16 at head dims 32, 64, 80, 96, 128)
-and its backward (csrc/include/memory3/memory_attention_backward.cuh), held to
+and its backward (tensor cores: prefill_backward.cuh; every other dtype and head dim: CUDA
+cores, memory_attention_backward.cuh), held to
 memory3.reference in float64 on fresh random inputs. Skipped without a CUDA device.
 
 Tolerances. bf16/fp16 outputs follow FlashAttention's rule: the max error against float64
@@ -209,6 +210,37 @@ def test_backward_matches_reference(dtype, rel_tol, shape):
     """dq, dk, dv, dmem_k, dmem_v with dlse, repeated ids (a bank of 6 rows), GQA 5, D=80."""
     case = FreshCase(B=2, Hq=10, Hkv=2, D=80, N=6, dtype=dtype, **SHAPES[shape])
     grads_against_reference(case.make("cuda", requires_grad=True), ("q", "k", "v", "mem_k", "mem_v"), case, rel_tol)
+
+
+@pytest.mark.parametrize("D", [32, 64, 96, 128])
+@pytest.mark.parametrize("dtype", LOW)
+def test_backward_tensor_cores_every_head_dim(dtype, D):
+    """The tensor-core backward at each head dim it serves, chunked and ragged, repeated ids."""
+    case = FreshCase(B=2, T=70, S=150, Hq=8, Hkv=2, D=D, N=6, dtype=dtype, kv_lens=[150, 60], chunk_size=64,
+                     chunk_start=2)
+    grads_against_reference(case.make("cuda", requires_grad=True), ("q", "k", "v", "mem_k", "mem_v"), case,
+                            2e-2 if dtype == torch.bfloat16 else 5e-3)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_backward_tensor_cores_agree_with_cuda_cores(int8, monkeypatch):
+    """MEMORY3_CUDA_BACKWARD=simt runs the CUDA-core backward: the two agree to bf16 rounding."""
+    case = FreshCase(B=2, T=100, S=130, Hq=10, Hkv=2, D=80, N=6, dtype=torch.bfloat16, int8_bank=int8,
+                     kv_lens=[130, 90])
+    args = case.make("cuda", requires_grad=True)
+    names = ("q", "k", "v") + (() if int8 else ("mem_k", "mem_v"))
+    leaves = [args[n] for n in names]
+    dout = torch.randn(case.B, case.T, case.Hq, case.D, device="cuda", dtype=torch.bfloat16)
+
+    def grads():
+        return torch.autograd.grad(ops.memory_attention(**args)[0], leaves, dout)
+
+    tc = grads()
+    monkeypatch.setenv("MEMORY3_CUDA_BACKWARD", "simt")
+    simt = grads()
+    for name, a, b in zip(names, tc, simt):
+        rel = ((a.float() - b.float()).norm() / b.float().norm()).item()
+        assert rel < 1e-2, f"{case}: d{name} tensor cores vs CUDA cores: {rel:.3g}"
 
 
 def test_backward_int8_bank():

@@ -1,5 +1,8 @@
 // CUDA launcher of memory_attention_backward and its registration for the CUDA dispatch key.
-// Kernels: include/memory3/memory_attention_backward.cuh (CUDA cores, every dtype, D <= 256).
+// bf16/fp16 at head dims 32, 64, 80, 96, 128 with 16-byte aligned rows: the tensor-core
+// backward (include/memory3/prefill_backward.cuh). Everything else (float32, float64, other
+// head dims up to 256, unaligned rows), or MEMORY3_CUDA_BACKWARD=simt: the CUDA-core backward
+// (include/memory3/memory_attention_backward.cuh). Both are deterministic.
 //
 // Data checks. The backward reads the ids and kv_lens its forward was called with, and the
 // forward checked them (csrc/cuda, params.h's range-check plan); the kernels still never read
@@ -11,11 +14,14 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
 #include "checks.h"
 #include "memory_attention_backward_kernels.h"
+#include "memory_attention_prefill.h"
 
 namespace memory3 {
 namespace {
@@ -31,6 +37,12 @@ BackwardDtype backward_dtype(at::ScalarType t) {
 }
 
 at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// MEMORY3_CUDA_BACKWARD=simt forces the CUDA-core backward (a cross-check of the tensor-core one).
+bool tensor_core_backward_allowed() {
+  const char* v = std::getenv("MEMORY3_CUDA_BACKWARD");
+  return v == nullptr || std::strcmp(v, "simt") != 0;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> memory_attention_backward_cuda(
     const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q, const at::Tensor& k,
@@ -109,9 +121,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> memory_at
   g.dmem_k = mem_grad ? acc_k.data_ptr() : nullptr;
   g.dmem_v = mem_grad ? acc_v.data_ptr() : nullptr;
 
-  launch_memory_attention_backward(g, backward_dtype(q.scalar_type()), s.int8_bank, delta.data_ptr(),
-                                   mem_grad ? slots.data_ptr() : nullptr, c10::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const bool half = q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf;
+  const bool tensor_cores = half && tensor_core_backward_allowed() && prefill_supports(g, s.int8_bank) &&
+                            reinterpret_cast<uintptr_t>(g.dout) % 16 == 0;
+  bool launched = false;
+  if (tensor_cores) {  // float delta and slots: Acc is float for bf16/fp16
+    float* d = delta.data_ptr<float>();
+    float* sl = mem_grad ? slots.data_ptr<float>() : nullptr;
+    launched = q.scalar_type() == at::kBFloat16 ? launch_prefill_backward_bf16(g, s.int8_bank, d, sl, stream)
+                                                : launch_prefill_backward_fp16(g, s.int8_bank, d, sl, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (launched && mem_grad) {
+      launch_reduce_memory_grads(g, sl, stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+  if (!launched) {
+    launch_memory_attention_backward(g, backward_dtype(q.scalar_type()), s.int8_bank, delta.data_ptr(),
+                                     mem_grad ? slots.data_ptr() : nullptr, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   at::Tensor dmem_k = at::empty({0}, q.options()), dmem_v = at::empty({0}, q.options());
   if (mem_grad) dmem_k = acc_k.to(mem_k.scalar_type()), dmem_v = acc_v.to(mem_k.scalar_type());
   return {dq, dk, dv, dmem_k, dmem_v};

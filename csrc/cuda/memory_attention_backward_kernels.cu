@@ -31,4 +31,13 @@ bool launch_memory_attention_backward(const MemoryAttentionBwdParams& g, Backwar
   return false;
 }
 
+void launch_reduce_memory_grads(const MemoryAttentionBwdParams& g, const float* mem_slots, cudaStream_t stream) {
+  const int64_t per_memory = int64_t(g.Hkv) * g.M * g.D;
+  const int64_t slots = int64_t(g.B) * g.C * g.R;
+  if (per_memory == 0 || slots == 0 || g.dmem_k == nullptr) return;
+  const backward::BackwardScratch w{nullptr, const_cast<float*>(mem_slots)};
+  backward::reduce_memory_grads_kernel<float>
+      <<<dim3(unsigned((per_memory + 255) / 256)), dim3(256), 0, stream>>>(g, w);
+}
+
 }  // namespace memory3

@@ -19,4 +19,17 @@ constexpr int kBackwardMaxD = 256;
 bool launch_memory_attention_backward(const MemoryAttentionBwdParams& g, BackwardDtype dtype, bool int8_bank,
                                       void* delta, void* mem_slots, cudaStream_t stream);
 
+// The tensor-core backward (include/memory3/prefill_backward.cuh), bf16/fp16 at head dims 32,
+// 64, 80, 96, 128 with the alignment of prefill_supports (memory_attention_prefill.h) and dout
+// 16-byte aligned. delta: float [B, Hq, T]; mem_slots: float [B, C, R, 2, Hkv, M, D] when
+// g.dmem_k is set (then add them with launch_reduce_memory_grads). Returns false (launching
+// nothing) for a head dim it lacks.
+bool launch_prefill_backward_bf16(const MemoryAttentionBwdParams& g, bool int8_bank, float* delta, float* mem_slots,
+                                  cudaStream_t stream);
+bool launch_prefill_backward_fp16(const MemoryAttentionBwdParams& g, bool int8_bank, float* delta, float* mem_slots,
+                                  cudaStream_t stream);
+
+// dmem_k/dmem_v (float, zero-filled) += the per-slot grads, slot by slot in (b, c, r) order.
+void launch_reduce_memory_grads(const MemoryAttentionBwdParams& g, const float* mem_slots, cudaStream_t stream);
+
 }  // namespace memory3
