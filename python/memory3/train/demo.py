@@ -57,11 +57,14 @@ class DemoSizes:
                                                      mlp_dim=344))
     large: dict = field(default_factory=lambda: dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, head_dim=32,
                                                      mlp_dim=688, memory_layers=()))
-    steps: dict = field(default_factory=lambda: {"parallel": 900, "ranked": 700, "large": 500})
+    steps: dict = field(default_factory=lambda: {"parallel": 600, "ranked": 600, "large": 80})
+    # TRAINING.md's single-stage recipe, with one memory for the first 40% of the steps: reading
+    # one memory is learned far faster alone (bench/RESULTS.md, 2026-11-29 binding experiments)
+    recipe: dict = field(default_factory=lambda: {"curriculum_start": 0.4, "curriculum_frac": 0.2})
     batch_size: int = 32
-    eval_people: int = 300          # held-out people asked 5 questions each
-    timed_questions: int = 20       # batch 1, every method on each (demo_eval.time_methods)
-    timing_repeats: int = 3
+    eval_people: int = 200          # held-out people asked 5 questions each (95% CI <= +-0.031)
+    timed_questions: int = 16       # batch 1, every method on each (demo_eval.time_methods)
+    timing_repeats: int = 2
     decode_tokens: int = 16
 
     @classmethod
@@ -216,7 +219,7 @@ class Demo:
         config = self.model_config(variant)
         model = init_for_training(Memory3Model(config), seed=self.seed)
         overrides = dict(steps=steps, batch_size=self.sizes.batch_size, seed=self.seed,
-                         checkpoint_every=max(1, steps // 4), keep_checkpoints=1)
+                         checkpoint_every=max(1, steps // 4), keep_checkpoints=1, **self.sizes.recipe)
         if variant == "ranked":
             overrides["right_first"] = 0.8  # TRAINING.md: trust the retriever's order
         tc = TrainConfig.recipe_defaults("single-stage", **overrides)

@@ -182,8 +182,9 @@ def write_report(out: Path, results: dict, sizes, wall_s: float, bank_shape: tup
         "memory models' training), every method answering with the same retrieval: all-MiniLM-L6-v2 over "
         f"the whole bank of {results['bank-parallel']['rows']} biographies, queried with the question "
         f"(retriever hit rate: top-1 {ret['hit_at_1']:.3f}, top-5 {ret['hit_at_5']:.3f}). Exact match = greedy "
-        "answer equals the answer. TTFT: question text -> first token at batch 1, retrieval included. "
-        f"Whole run: {wall_s:.0f} s wall.", "",
+        "answer equals the answer; 95% confidence half-width of an accuracy p over these questions: "
+        f"1.96 sqrt(p(1-p)/n) <= {1.96 * math.sqrt(0.25 / ret['questions']):.3f}. TTFT: question text -> first "
+        f"token at batch 1, retrieval included. Whole run: {wall_s:.0f} s wall.", "",
         table, "",
         f"Type-only ceiling (a reader that matches only the attribute type among the retrieved memories): "
         f"top-5 {ret['type_only_ceiling_5']:.3f}, top-1 {ret['type_only_ceiling_1']:.3f}; with the right memory "
@@ -205,7 +206,16 @@ def write_report(out: Path, results: dict, sizes, wall_s: float, bank_shape: tup
         *[f"| {v} | {t['parameters']:,} ({t['non_embedding_parameters']:,}) | {t['steps']} | "
           f"{t['train_seconds']:.0f} | {t['final_loss']:.3f} | {_fmt(t['tail_memory_loss'])} |"
           for v, t in train.items()], "",
-        f"Binding signal (TRAINING.md): answer loss with 5 memories clearly below ln 5 = {math.log(5):.2f}.", "",
+        f"Binding signal (TRAINING.md): answer loss with 5 memories clearly below ln 5 = {math.log(5):.2f}. "
+        f"Recipe: {_recipe(train['parallel'])}; ranked positions: the right memory first in "
+        f"{train['ranked']['recipe']['right_first']:.0%} of the samples. The larger model's budget is the same "
+        f"training wall time as a small memory model (steps chosen for it): {train['large']['train_seconds']:.0f} s "
+        f"against {train['parallel']['train_seconds']:.0f} s (parallel).", "",
+        "## Where the time went", "",
+        "| stage | seconds | torch threads | load average (start, end) |", "|---|---:|---:|---|",
+        *[f"| {name} | {r['stage_seconds']:.1f} | {r.get('threads', '-')} | "
+          f"{', '.join(f'{x:.1f}' for x in r.get('load_average', [])) or '-'} |"
+          for name, r in results.items() if isinstance(r, dict) and "stage_seconds" in r], "",
         "## Storage per reference (small model)", "",
         "| stored as | bytes |", "|---|---:|",
         *[f"| bank, codec {c} | {b:,} |" for c, b in codecs.items()],
@@ -223,6 +233,13 @@ def write_report(out: Path, results: dict, sizes, wall_s: float, bank_shape: tup
                "sizes": sizes.__dict__, "plots": list(PLOTS) + curves}
     (out / "results.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return {"table": table, "rows": rows, "targets": checks}
+
+
+def _recipe(train: dict) -> str:
+    r = train["recipe"]
+    ramp = (f"1 memory for the first {r.get('curriculum_start', 0):.0%} of the steps, then 1 -> {r['max_memories']} "
+            f"over {r['curriculum_frac']:.0%}")
+    return f"{ramp}, {r['rag_share']:.0%} RAG steps, answer-only loss, lr {r['lr']:g} ({r['schedule']})"
 
 
 def _fmt(x) -> str:
