@@ -214,3 +214,36 @@ def test_time_methods_retrieves_once_and_times_every_method_from_the_same_rows(t
         assert r["timed_questions"] == 4 and r["decode_tok_s"] > 0
         assert r["ttft_ms"] >= r["prefill_ms"] > 0
         assert (r["retrieval_ms"] == 0) == (name == "none")
+
+
+def test_threads_follow_the_idle_cores(monkeypatch):
+    """Default threads: the cores less the other jobs' load (this process's own share
+    taken out), never below 1 nor above the cores."""
+    from memory3.train import demo
+
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    for load, own, want in ((0.1, 0.0, 2), (0.9, 0.0, 1), (1.2, 0.0, 1), (5.0, 0.0, 1), (2.1, 2.0, 2), (2.9, 1.0, 1)):
+        monkeypatch.setattr(demo.os, "getloadavg", lambda load=load: (load, load, load))
+        assert demo.idle_cores(own) == want, (load, own)
+
+
+def test_bank_embedder_embeds_each_text_once():
+    from memory3.train.demo import TextCachedEmbedder
+
+    class Counting:
+        name, dim, calls = "fake", 3, []
+
+        def spec(self):
+            return {"name": self.name, "dim": self.dim}
+
+        def embed(self, texts, *, batch_size=None, progress=False):
+            self.calls.append(list(texts))
+            return torch.tensor([[len(t), t.count("a"), 1.0] for t in texts])
+
+    inner = Counting()
+    cached = TextCachedEmbedder(inner)
+    first = cached.embed(["ab", "a", "ab"])
+    again = cached.embed(["a", "abc"])
+    assert inner.calls == [["ab", "a"], ["abc"]] and cached.spec() == inner.spec()
+    torch.testing.assert_close(first, inner.embed(["ab", "a", "ab"]))
+    torch.testing.assert_close(again, inner.embed(["a", "abc"]))
