@@ -7,6 +7,18 @@ set(MEMORY3_CUDA_GENCODE
     "-gencode=arch=compute_90a,code=sm_90a"
     CACHE STRING "nvcc -gencode flags for the memory3 CUDA kernels")
 set(MEMORY3_CUDA_ARCH_LIST "sm_80,sm_90a" CACHE STRING "Targets as text, reported by memory3._C (no semicolons)")
+# MEMORY3_CUDA_ARCHS=90a (environment, e.g. bench/gpu.sh on an H100/H200) builds those
+# architectures only: a third of the compile time of the default pair.
+if(DEFINED ENV{MEMORY3_CUDA_ARCHS})
+  set(MEMORY3_CUDA_GENCODE "")
+  set(MEMORY3_CUDA_ARCH_LIST "")
+  string(REPLACE "," ";" _archs "$ENV{MEMORY3_CUDA_ARCHS}")
+  foreach(_arch IN LISTS _archs)
+    list(APPEND MEMORY3_CUDA_GENCODE "-gencode=arch=compute_${_arch},code=sm_${_arch}")
+    string(APPEND MEMORY3_CUDA_ARCH_LIST "sm_${_arch},")
+  endforeach()
+  string(REGEX REPLACE ",$" "" MEMORY3_CUDA_ARCH_LIST "${MEMORY3_CUDA_ARCH_LIST}")
+endif()
 
 # CUTLASS/CuTe headers come from the `nvidia-cutlass` wheel (see third_party/README.md);
 # MEMORY3_CUTLASS_DIR overrides with any folder that holds include/cutlass/cutlass.h.
@@ -26,9 +38,11 @@ endif()
 
 function(memory3_configure_cuda target)
   set_target_properties(${target} PROPERTIES CUDA_ARCHITECTURES OFF CUDA_STANDARD 17)
+  # The launchers include torch: the C++ ABI flag torch was built with applies to them too.
+  separate_arguments(_torch_cuda_flags UNIX_COMMAND "${TORCH_CXX_FLAGS}")
   target_compile_options(${target} PRIVATE
     $<$<COMPILE_LANGUAGE:CUDA>:${MEMORY3_CUDA_GENCODE} -O3 --use_fast_math
-      --expt-relaxed-constexpr -lineinfo>)
+      --expt-relaxed-constexpr -lineinfo ${_torch_cuda_flags} -diag-suppress=3306>)
   target_compile_definitions(${target} PRIVATE
     MEMORY3_CUDA_ARCH_LIST="${MEMORY3_CUDA_ARCH_LIST}")
   if(MEMORY3_HAVE_CUTLASS)

@@ -43,7 +43,16 @@ def collect_info() -> dict:
         "load_error": None if _extension.available() else str(_extension.LOAD_ERROR),
         "build": _extension.build_info(),
         "op_backends": backends,
+        "cuda_attention_paths": _cuda_attention_paths(backends),
     }
+
+
+def _cuda_attention_paths(backends: dict) -> str:
+    """Which CUDA kernel serves memory_attention at which query length (csrc/cuda/memory_attention.cu)."""
+    if "CUDA" not in backends.get("memory_attention", []):
+        return "none (no CUDA kernels in this build)"
+    return ("T <= 16: decode kernel (split-K, GQA packed, bank read by id); "
+            "T > 16: the same decode kernel over every row block (correct, not fast) until the prefill kernel is routed")
 
 
 def cmd_info(args: argparse.Namespace) -> int:

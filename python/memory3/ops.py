@@ -26,6 +26,7 @@ __all__ = [
     "quantize_memory",
     "dequantize_memory",
     "train_pq_codebook",
+    "check_range_errors",
 ]
 
 
@@ -435,6 +436,20 @@ def _dequantize_fake(codes, meta, codec, ids=None, out_dtype=None):
     D = {"int8": W, "int4": 2 * W, "pq": W * meta.shape[-1], "vq": meta.shape[-1]}[codec]
     lead = tuple(ids.shape) if ids is not None else (N,)
     return codes.new_empty((*lead, Hkv, M, D), dtype=out_dtype or torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------- range checks
+
+
+def check_range_errors() -> None:
+    """Raise the first out-of-range id / kv_lens value a CUDA kernel recorded since the last
+    check (RuntimeError, the eager message), and clear it. CUDA kernels check ids and lengths
+    on the device; an eager call raises at once, but a call captured in a CUDA graph (or run
+    with MEMORY3_RANGE_CHECK=deferred) cannot sync, so it only records: call this after the
+    replay. A bad value never reads outside the bank either way. No-op without CUDA kernels."""
+    op = getattr(torch.ops.memory3, "check_range_errors", None) if _extension.available() else None
+    if op is not None and torch.cuda.is_available():
+        op()
 
 
 # ---------------------------------------------------------------------------- registration

@@ -13,11 +13,12 @@
 //   CUDA (planned with the CUDA kernels): reading them on the host would cost a copy and a
 //   stream sync per call, which CUDA graph capture forbids. So the checks move into the
 //   kernels, behind a switch:
-//     - a device word `int64_t* range_error` joins MemoryAttentionParams, GatherParams and
-//       DequantizeParams, zeroed by the launcher before the launch. A kernel that reads an
-//       id or a length outside its range treats it as an empty slot (-1) or an empty
-//       sequence, never dereferences it, and records (flat index + 1) of the first
-//       offender with atomicCAS.
+//     - `int64_t* range_error` in MemoryAttentionParams, GatherParams and DequantizeParams
+//       points at 4 device words per device (csrc/cuda/range_check.cu: zero at load, zeroed
+//       again whenever they are read). A kernel that reads an id or a length outside its
+//       range treats it as an empty slot (-1) or an empty sequence, never dereferences it,
+//       and records the first offender with atomicCAS (memory3/cuda_common.cuh: code and
+//       flat index + 1, value, bound). Null on the CPU.
 //     - the switch is the op's `check` mode, decided by the launcher per call: "sync"
 //       (default in eager mode) copies the word back after the kernel and raises the same
 //       RuntimeError as the CPU; "deferred" is forced while the current stream is capturing
@@ -54,6 +55,7 @@ struct MemoryAttentionParams {
   int B, T, S, Hq, Hkv, D, N, M, C, R;
   int chunk_size, chunk_start;  // chunk_size >= 1, chunk_start >= 0
   double scale;                 // softmax scale (default D^-0.5, chosen by the launcher)
+  int64_t* range_error;         // CUDA: device range-error words (see above); null on the CPU
 };
 
 // One memory_attention call, backward: the forward's parameters (out and lse as the forward
@@ -87,6 +89,7 @@ struct GatherParams {
   void* out_v;         // [R, Hkv, M, D] contiguous
   int64_t vectors;     // Hkv * M: vectors of D per row
   int64_t D;
+  int64_t* range_error;  // CUDA: device range-error words; null on the CPU
 };
 
 // ---------------------------------------------------------------- memory codecs
@@ -117,6 +120,7 @@ struct DequantizeParams {
   void* out;              // [R, Hkv, M, D] contiguous
   int64_t Hkv, M;
   int D, dsub;
+  int64_t* range_error;   // CUDA: device range-error words; null on the CPU
 };
 
 }  // namespace memory3

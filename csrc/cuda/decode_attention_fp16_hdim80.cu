@@ -1,0 +1,5 @@
+// memory_attention decode kernel (memory3/decode_attention.cuh): __half queries, head dim 80,
+// float and int8 banks. One small translation unit per (dtype, head dim), FlashAttention's layout.
+#include "memory3/decode_attention.cuh"
+
+M3_DECODE_INSTANCES(, __half, 80)
