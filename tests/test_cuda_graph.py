@@ -58,7 +58,7 @@ def test_decode_step_captured_and_replayed():
     g = torch.Generator().manual_seed(0)
     bank = make_bank(g)
     static = make_inputs(g)
-    for _ in range(2):  # warm up on a side stream, as torch.cuda.graphs recommends
+    for _ in range(2):  # warm up: first launches, cached device attributes
         step(bank, *static)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()

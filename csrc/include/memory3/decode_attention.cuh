@@ -25,81 +25,10 @@
 #include <type_traits>
 
 #include "memory3/cuda_common.cuh"
+#include "memory3/decode_schedule.h"
 #include "memory3/params.h"
 
 namespace memory3::cuda {
-
-constexpr int kDecodeThreads = 128;
-constexpr int kDecodeWarps = kDecodeThreads / 32;
-constexpr int kDecodeRows = 16;         // packed query rows per block
-constexpr int kDecodeKeys = 32;         // keys per tile: one per lane in the softmax
-constexpr int kDecodeMaxSplits = 64;    // context splits per row block
-constexpr int kDecodeMaxD = 256;        // head dims the kernels take
-constexpr int kDecodeMaxQueries = 16;   // T this kernel is built for (decode, short blocks)
-constexpr int kDecodeMinSplitKeys = 128;  // keys a split gets at least
-
-// ---------------------------------------------------------------- host/device plan helpers
-
-// Row blocks of one (sequence, KV head): T * G rows in blocks of kDecodeRows.
-M3_HD int64_t decode_row_blocks(int64_t T, int64_t G) { return ceil_div(T * G, kDecodeRows); }
-
-// Bytes between key rows of a tile in shared memory: D elements rounded up to 16 bytes, plus
-// 16 when that is an even number of 16-byte pieces (odd pieces: conflict-free 16-byte loads).
-M3_HD int decode_tile_stride(int D, int elem_bytes) {
-  int bytes = round_up16(D * elem_bytes);
-  if ((bytes / 16) % 2 == 0) bytes += 16;
-  return bytes;
-}
-
-// Context splits per row block, from shapes and the SM count only (graph-capturable, no data
-// read): enough blocks for ~8 per SM, each split at least kDecodeMinSplitKeys keys.
-// `blocks` = B * Hkv * row blocks; S = context capacity (kv_lens may be shorter).
-M3_HD int decode_split_count(int64_t blocks, int64_t S, int sm_count) {
-  const int64_t target = int64_t(sm_count) * 8;
-  if (blocks <= 0 || blocks >= target) return 1;
-  int64_t splits = ceil_div(target, blocks);
-  const int64_t by_len = S / kDecodeMinSplitKeys;
-  splits = splits < by_len ? splits : by_len;
-  splits = splits < kDecodeMaxSplits ? splits : kDecodeMaxSplits;
-  return splits < 1 ? 1 : int(splits);
-}
-
-// Keys of each split: the context capacity cut in `splits` whole tiles; the last split may
-// be short or empty (ragged sequences leave later splits empty: they write lse = -inf).
-M3_HD int64_t decode_split_len(int64_t S, int splits) {
-  return ceil_div(ceil_div(S, splits), kDecodeKeys) * kDecodeKeys;
-}
-
-// Shared memory of a block, in bytes from the dynamic base (every part 16-byte aligned).
-struct DecodeLayout {
-  int q;          // Acc [kDecodeRows][D]: pre-scaled queries (rows past the block: zero)
-  int s;          // Acc [kDecodeRows][kDecodeKeys]: scores, then probabilities
-  int stat;       // Acc m[kDecodeRows], l[kDecodeRows], alpha[kDecodeRows]
-  int rows;       // int pos[kDecodeRows], chunk[kDecodeRows]
-  int stage;      // first stage; stage i at stage + i * stage_bytes
-  int stage_bytes;
-  int stride;     // bytes between key rows of a tile (for the dtype of q)
-  int v_off, scale_k, scale_v, ok;  // within a stage: V tile, float scales[kDecodeKeys] x2, int ok[kDecodeKeys]
-  int total;
-};
-
-M3_HD DecodeLayout decode_layout(int D, int t_bytes, int acc_bytes, int stages) {
-  DecodeLayout L{};
-  int off = 0;
-  L.q = off, off += round_up16(kDecodeRows * D * acc_bytes);
-  L.s = off, off += round_up16(kDecodeRows * kDecodeKeys * acc_bytes);
-  L.stat = off, off += round_up16(3 * kDecodeRows * acc_bytes);
-  L.rows = off, off += round_up16(2 * kDecodeRows * 4);
-  L.stride = decode_tile_stride(D, t_bytes);
-  L.v_off = kDecodeKeys * L.stride;
-  L.scale_k = 2 * kDecodeKeys * L.stride;
-  L.scale_v = L.scale_k + 4 * kDecodeKeys;
-  L.ok = L.scale_v + 4 * kDecodeKeys;
-  L.stage_bytes = round_up16(L.ok + 4 * kDecodeKeys);
-  L.stage = off;
-  L.total = off + stages * L.stage_bytes;
-  return L;
-}
 
 // The split of one call: partial rows o [splits, B, T, Hq, D] (Acc, normalized) and their
 // lse [splits, B, Hq, T] (natural log), both unused when splits == 1.
@@ -115,7 +44,7 @@ struct DecodeTraits {
   using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
   static constexpr bool kVec = kD > 0;                     // 16-byte path (host checked alignment)
   static constexpr int kVW = kVec ? 16 / int(sizeof(T)) : 1;  // columns per owned piece of O
-  static constexpr int kStages = sizeof(T) == 8 ? 1 : 2;
+  static constexpr int kStages = decode_stages(int(sizeof(T)));
   static constexpr int kMaxD = kVec ? kD : kDecodeMaxD;
   static constexpr int kOwned = int(ceil_div(kDecodeRows * (kMaxD / kVW), kDecodeThreads));
   static_assert(!kVec || kD % kVW == 0, "a head dim of the 16-byte path fills whole pieces");
@@ -194,12 +123,12 @@ struct DecodeBlock {
     }
   }
 
-  // Tile t into stage st: memory tiles first (chunks c_lo.., tpc tiles each), then context.
-  M3_DEV void load_tile(int t, int st, int n_mem, int c_lo, int tpc, int ctx_lo, int ctx_hi) const {
+  // A tile (memory keys n0.. of chunk c, or context keys j0..) into stage st.
+  M3_DEV void load_tile(const DecodeTile& tile, int st, int ctx_hi) const {
     unsigned char* kt = stage(st);
     unsigned char* vt = kt + lay.v_off;
-    if (t < n_mem) {
-      const int c = c_lo + t / tpc, n0 = (t % tpc) * kDecodeKeys;
+    if (tile.memory) {
+      const int c = tile.chunk, n0 = tile.first;
       const int stride = decode_tile_stride(D, int(sizeof(MT)));
       if (threadIdx.x < kDecodeKeys) {
         const int n = n0 + threadIdx.x;
@@ -224,7 +153,7 @@ struct DecodeBlock {
       copy_rows<MT>(kt, stride, mem_row(p.mem_k, p.mk_stride_n, p.mk_stride_h, p.mk_stride_m));
       copy_rows<MT>(vt, stride, mem_row(p.mem_v, p.mv_stride_n, p.mv_stride_h, p.mv_stride_m));
     } else {
-      const int j0 = ctx_lo + (t - n_mem) * kDecodeKeys;
+      const int j0 = tile.first;
       if (threadIdx.x < kDecodeKeys) {
         ok_s(st)[threadIdx.x] = j0 + int(threadIdx.x) < ctx_hi;
         kscale_s(st)[threadIdx.x] = 1.0f, vscale_s(st)[threadIdx.x] = 1.0f;
@@ -241,11 +170,10 @@ struct DecodeBlock {
     }
   }
 
-  // S = q k for the tile in stage st, masked: lane = key, warp w rows w, w + 4, w + 8, w + 12.
-  // A memory tile (chunk c >= 0) is seen by the rows of chunk c; a context tile (c < 0, first
-  // key j0) by rows at positions >= the key.
+  // S = q k for the tile in stage st, masked (decode_sees; keys of empty slots are not ok):
+  // lane = key, warp w rows w, w + 4, w + 8, w + 12.
   template <typename E>
-  M3_DEV void scores(int st, int c, int j0) const {
+  M3_DEV void scores(int st, const DecodeTile& tile, const DecodeTiles& tiles) const {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int stride = decode_tile_stride(D, int(sizeof(E)));
     const E* krow = reinterpret_cast<const E*>(stage(st) + lane * stride);
@@ -283,7 +211,8 @@ struct DecodeBlock {
 #pragma unroll
     for (int k = 0; k < kRowsPerWarp; ++k) {
       const int r = warp + k * kDecodeWarps;
-      const bool seen = key_ok && r < nrows && (c >= 0 ? chunk_s()[r] == c : j0 + lane <= pos_s()[r]);
+      const bool seen =
+          key_ok && r < nrows && decode_sees(tile, tiles, lane, pos_s()[r], chunk_s()[r], int64_t(p.R) * p.M);
       s_s()[r * kDecodeKeys + lane] = seen ? acc[k] * ks : Acc(-INFINITY);
     }
   }
@@ -360,11 +289,9 @@ __global__ void __launch_bounds__(kDecodeThreads)
   const int nrows = int(min(int64_t(kDecodeRows), int64_t(p.T) * G - row0));
 
   // The sequence's length, checked: a bad one is an empty sequence (and recorded).
-  int L = p.kv_lens ? p.kv_lens[b] : p.S;
-  if (L < 0 || L > p.S) {
-    if (tid == 0) record_range_error(p.range_error, kRangeKvLens, b, L, p.S);
-    L = 0;
-  }
+  const int len = p.kv_lens ? p.kv_lens[b] : p.S;
+  const int L = decode_length(len, p.S);
+  if (L != len && tid == 0) record_range_error(p.range_error, kRangeKvLens, b, len, p.S);
   if (tid == 0 && kvh == 0 && rb == 0 && split == 0 && int64_t(L) - 1 >= p.chunk_start) {
     const int64_t need = (int64_t(L) - 1 - p.chunk_start) / p.chunk_size + 1;
     if (need > p.C) record_range_error(p.range_error, kRangeChunks, b, L, p.C, need);
@@ -372,15 +299,9 @@ __global__ void __launch_bounds__(kDecodeThreads)
 
   DecodeBlock<T, MT, kD> blk{p, lay, smem, D, G, b, kvh, row0, nrows, L};
   if (tid < kDecodeRows) {
-    int pos = -1, chunk = -1;  // rows past the block see nothing
-    if (tid < nrows) {
-      pos = L - p.T + (row0 + tid) / G;
-      if (pos >= p.chunk_start) {  // chunk_start >= 0, so pos >= 0 too
-        const int64_t c = (int64_t(pos) - p.chunk_start) / p.chunk_size;
-        chunk = c < p.C ? int(c) : -1;  // past the table: recorded above, no memories
-      }
-    }
-    blk.pos_s()[tid] = pos, blk.chunk_s()[tid] = chunk;
+    DecodeRow row{-1, -1};  // rows past the block see nothing
+    if (tid < nrows) row = decode_row(L, p.T, G, row0 + tid, p.chunk_start, p.chunk_size, p.C);
+    blk.pos_s()[tid] = row.pos, blk.chunk_s()[tid] = row.chunk;
     blk.m_s()[tid] = Acc(-INFINITY), blk.l_s()[tid] = Acc(0), blk.alpha_s()[tid] = Acc(1);
   }
   // Queries, pre-scaled (base 2 for float: exp2 of scores is the softmax's exp).
@@ -397,21 +318,10 @@ __global__ void __launch_bounds__(kDecodeThreads)
   }
   __syncthreads();
 
-  // The block's tiles: memories of chunks c_lo..c_hi (split 0), then context [ctx_lo, ctx_hi).
-  const int key_end = max(blk.pos_s()[nrows - 1] + 1, 0);  // the last row sits furthest
-  const int64_t ctx_lo64 = int64_t(split) * sp.split_len;
-  const int ctx_lo = int(min(ctx_lo64, int64_t(key_end)));
-  const int ctx_hi = int(min(ctx_lo64 + sp.split_len, int64_t(key_end)));
-  const int n_ctx = int(ceil_div(ctx_hi - ctx_lo, kDecodeKeys));
-  int c_lo = -1, c_hi = -1;
-  if (split == 0)
-    for (int r = 0; r < nrows; ++r) {
-      const int c = blk.chunk_s()[r];
-      if (c >= 0) c_hi = c, c_lo = c_lo < 0 ? c : c_lo;
-    }
-  const int tpc = int(ceil_div(p.R * p.M, kDecodeKeys));
-  const int n_mem = c_lo >= 0 ? (c_hi - c_lo + 1) * tpc : 0;
-  const int n_tiles = n_mem + n_ctx;
+  // The block's tiles: memories of chunks c_lo.. (split 0), then context [ctx_lo, ctx_hi).
+  const DecodeTiles tiles = decode_tiles(blk.chunk_s(), nrows, blk.pos_s()[nrows - 1], split, sp.split_len,
+                                         int64_t(p.R) * p.M);
+  const int n_tiles = tiles.n_mem + tiles.n_ctx;
 
   Acc o[Tr::kOwned][Tr::kVW];
 #pragma unroll
@@ -422,20 +332,21 @@ __global__ void __launch_bounds__(kDecodeThreads)
   constexpr int kStages = Tr::kStages;
 #pragma unroll
   for (int t = 0; t < kStages - 1; ++t) {
-    if (t < n_tiles) blk.load_tile(t, t, n_mem, c_lo, tpc, ctx_lo, ctx_hi);
+    if (t < n_tiles) blk.load_tile(decode_tile(tiles, t), t, tiles.ctx_hi);
     cp_async_commit();
   }
   for (int t = 0; t < n_tiles; ++t) {
     const int ahead = t + kStages - 1;
-    if (ahead < n_tiles) blk.load_tile(ahead, ahead % kStages, n_mem, c_lo, tpc, ctx_lo, ctx_hi);
+    if (ahead < n_tiles) blk.load_tile(decode_tile(tiles, ahead), ahead % kStages, tiles.ctx_hi);
     cp_async_commit();
     cp_async_wait<kStages - 1>();  // tile t has landed (this thread's copies) ...
     __syncthreads();               // ... and everyone's
     const int st = t % kStages;
-    const bool mem = t < n_mem;
+    const DecodeTile tile = decode_tile(tiles, t);
+    const bool mem = tile.memory;
     const bool scaled = mem && p.mem_k_scale != nullptr;
-    if (mem) blk.template scores<MT>(st, c_lo + t / tpc, 0);
-    else blk.template scores<T>(st, -1, ctx_lo + (t - n_mem) * kDecodeKeys);
+    if (mem) blk.template scores<MT>(st, tile, tiles);
+    else blk.template scores<T>(st, tile, tiles);
     __syncthreads();
     blk.softmax();
     __syncthreads();
@@ -551,7 +462,7 @@ cudaError_t run_decode_merge(const MemoryAttentionParams& p, const DecodeSplit& 
 template <typename T>
 M3_HD int decode_smem_bytes(int D) {
   using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
-  return decode_layout(D, int(sizeof(T)), int(sizeof(Acc)), sizeof(T) == 8 ? 1 : 2).total;
+  return decode_layout(D, int(sizeof(T)), int(sizeof(Acc)), decode_stages(int(sizeof(T)))).total;
 }
 
 }  // namespace memory3::cuda
