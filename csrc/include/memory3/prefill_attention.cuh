@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(32 * kWarps) memory_attention_prefill_kernel(M
   constexpr int kRows = Cfg::kRows, kPitch = Cfg::kPitch, kChunks = Cfg::kChunks, kThreads = Cfg::kThreads;
   constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  M3_PREFILL_DYNAMIC_SMEM(smem_raw);
   Elem* sQ = reinterpret_cast<Elem*>(smem_raw);
   Elem* sK = sQ + kRows * kPitch;             // [2][kBlockN][kPitch]
   Elem* sV = sK + 2 * kBlockN * kPitch;       // [2][kBlockN][kPitch]
@@ -291,6 +291,7 @@ __global__ void __launch_bounds__(32 * kWarps) memory_attention_prefill_kernel(M
 
 }  // namespace memory3::prefill
 
+#ifndef M3_PREFILL_EMULATE
 namespace memory3::prefill {
 
 // Launches the kernel for one (dtype, head dim, bank type); the dispatcher
@@ -322,3 +323,4 @@ bool launch_forward_dims(const MemoryAttentionParams& p, bool int8_bank, cudaStr
 }
 
 }  // namespace memory3::prefill
+#endif  // M3_PREFILL_EMULATE

@@ -211,7 +211,7 @@ __global__ void __launch_bounds__(kBwdThreads) prefill_dq_kernel(MemoryAttention
   using Tr = ElemTraits<Elem>;
   constexpr int kPitch = smem_pitch(kD);
   constexpr float kLog2e = 1.4426950408889634f;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  M3_PREFILL_DYNAMIC_SMEM(smem_raw);
   Elem* sQ = reinterpret_cast<Elem*>(smem_raw);
   Elem* sDO = sQ + kBwdRows * kPitch;
   Elem* sK = sDO + kBwdRows * kPitch;  // [2][kBlockN][kPitch]
@@ -354,7 +354,7 @@ __global__ void __launch_bounds__(kBwdThreads) prefill_dkv_kernel(MemoryAttentio
   using Tr = ElemTraits<Elem>;
   constexpr int kPitch = smem_pitch(kD), kChunks = kD / 8;
   constexpr float kLog2e = 1.4426950408889634f;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  M3_PREFILL_DYNAMIC_SMEM(smem_raw);
   Elem* sK = reinterpret_cast<Elem*>(smem_raw);  // [kBwdRows][kPitch]: this CTA's keys
   Elem* sV = sK + kBwdRows * kPitch;
   Elem* sQ = sV + kBwdRows * kPitch;  // [2][kBlockN][kPitch]: query tile stages
@@ -516,6 +516,7 @@ __global__ void __launch_bounds__(kBwdThreads) prefill_dkv_kernel(MemoryAttentio
   }
 }
 
+#ifndef M3_PREFILL_EMULATE
 // The three passes (and nothing for the bank when g.dmem_k is null). delta: float [B, Hq, T];
 // mem_slots: float [B, C, R, 2, Hkv, M, D] when g.dmem_k is set. The caller adds the slots into
 // the bank rows (reduce_memory_grads_kernel) after this.
@@ -566,5 +567,6 @@ bool launch_backward_dims(const MemoryAttentionBwdParams& g, bool int8_bank, flo
     default: return false;
   }
 }
+#endif  // M3_PREFILL_EMULATE
 
 }  // namespace memory3::prefill

@@ -6,12 +6,19 @@
 //   A (16 x 16, row-major): a0 = (g, 2q..2q+1), a1 = (g+8, 2q..), a2 = (g, 2q+8..), a3 = (g+8, 2q+8..)
 //   B (16 x 8, k x n):       b0 = (k 2q..2q+1, n g), b1 = (k 2q+8.., n g)
 //   C (16 x 8, float):       c0, c1 = (g, 2q), (g, 2q+1); c2, c3 = (g+8, 2q), (g+8, 2q+1)
+//
+// M3_PREFILL_EMULATE: the host emulator (csrc/cuda/nvcc_check/prefill_emulator.cpp) supplies
+// these primitives itself and runs the kernels' code on the CPU; nothing below is compiled.
 #pragma once
 
+#include <cstdint>
+
+#ifndef M3_PREFILL_EMULATE
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <cstdint>
+// The kernels' dynamic shared memory (the emulator gives each CTA a buffer of its own).
+#define M3_PREFILL_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 
 namespace memory3::prefill {
 
@@ -78,3 +85,4 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
 }  // namespace memory3::prefill
+#endif  // M3_PREFILL_EMULATE
