@@ -1,6 +1,10 @@
 // Device helpers shared by the memory3 CUDA kernels: element conversions, 16-byte vector
 // loads, cp.async, warp reductions and the device-side range-error word (params.h explains
 // the plan: a bad id or length is recorded here, never dereferenced). Torch-free.
+//
+// M3_EMULATE_CUDA (csrc/cuda/nvcc_check/cuda_emulation.h) compiles the kernels with the host
+// compiler and runs each block as threads on the CPU: the few device-only steps below have a
+// host form under it. Real builds never define it.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -8,10 +12,17 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #define M3_HD __host__ __device__ __forceinline__
 #define M3_DEV __device__ __forceinline__
+
+// Shared memory: the dynamic buffer of a kernel, and a static array shared by the block.
+#ifndef M3_EMULATE_CUDA
+#define M3_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#define M3_SHARED __shared__
+#endif
 
 namespace memory3::cuda {
 
@@ -73,6 +84,7 @@ M3_DEV void store_vec(E* dst, const E (&src)[n]) {
 
 // cp.async of 16 bytes, global -> shared, bypassing L1; valid = false writes 16 zero bytes
 // and reads nothing (src must still be a mapped address).
+#ifndef M3_EMULATE_CUDA
 M3_DEV void cp_async16(void* smem, const void* gmem, bool valid) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const int src_size = valid ? 16 : 0;
@@ -83,6 +95,15 @@ template <int kPending>
 M3_DEV void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
+#else  // the host form: a synchronous copy
+M3_DEV void cp_async16(void* smem, const void* gmem, bool valid) {
+  if (valid) memcpy(smem, gmem, 16);
+  else memset(smem, 0, 16);
+}
+M3_DEV void cp_async_commit() {}
+template <int kPending>
+M3_DEV void cp_async_wait() {}
+#endif
 
 // ---------------------------------------------------------------- warp reductions
 

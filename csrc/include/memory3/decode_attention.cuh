@@ -275,7 +275,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
     decode_attention_kernel(const MemoryAttentionParams p, const DecodeSplit sp) {
   using Tr = DecodeTraits<T, MT, kD>;
   using Acc = typename Tr::Acc;
-  extern __shared__ __align__(16) unsigned char smem[];
+  M3_DYNAMIC_SMEM(smem);
   const int D = kD > 0 ? kD : p.D;
   const DecodeLayout lay = decode_layout(D, int(sizeof(T)), int(sizeof(Acc)), Tr::kStages);
   const int G = p.Hq / p.Hkv;
@@ -401,7 +401,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
 template <typename T>
 __global__ void __launch_bounds__(kDecodeThreads)
     decode_merge_kernel(const MemoryAttentionParams p, const DecodeSplit sp) {
-  __shared__ float weight[kDecodeWarps][kDecodeMaxSplits];
+  M3_SHARED float weight[kDecodeWarps][kDecodeMaxSplits];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t row = int64_t(blockIdx.x) * kDecodeWarps + warp;  // (b, i, h)
   if (row >= int64_t(p.B) * p.T * p.Hq) return;  // whole warps
@@ -432,6 +432,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
 }
 
 // ---------------------------------------------------------------- host entry points
+#ifndef M3_EMULATE_CUDA
 
 // Launches the decode kernel on `stream` (grid: B * Hkv * row blocks, splits). Instantiated
 // per (T, MT, kD) in csrc/cuda/decode_attention_*.cu; returns the launch status.
@@ -464,6 +465,8 @@ M3_HD int decode_smem_bytes(int D) {
   using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
   return decode_layout(D, int(sizeof(T)), int(sizeof(Acc)), decode_stages(int(sizeof(T)))).total;
 }
+
+#endif  // M3_EMULATE_CUDA
 
 }  // namespace memory3::cuda
 
