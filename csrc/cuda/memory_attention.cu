@@ -17,6 +17,7 @@
 #include "checks.h"
 #include "memory3/decode_attention.cuh"
 #include "memory3/index_narrow.cuh"
+#include "memory_attention_prefill.h"
 #include "range_check.h"
 
 // Kernels compiled in csrc/cuda/decode_attention_*.cu.
@@ -183,9 +184,12 @@ std::tuple<at::Tensor, at::Tensor> memory_attention_cuda(
                    s.D * elem % 16 == 0;
 
   if (s.T > cuda::kDecodeMaxQueries) {
-    // Prefill-length query blocks: the decode kernel over every row (correct, not fast) until
-    // "CUDA, part 2" (issue 13) routes this call to its prefill kernel.
-    run_long_queries(p, q.scalar_type(), s.int8_bank, vec, stream);
+    // Prefill-length query blocks: the tensor-core prefill kernel (memory_attention_prefill.h:
+    // bf16/fp16, head dims 32-128, aligned rows), else the decode kernel over every row.
+    const bool half = q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf;
+    const PrefillDtype pd = q.scalar_type() == at::kBFloat16 ? PrefillDtype::bf16 : PrefillDtype::fp16;
+    if (half && launch_memory_attention_prefill(p, pd, s.int8_bank, stream)) C10_CUDA_KERNEL_LAUNCH_CHECK();
+    else run_long_queries(p, q.scalar_type(), s.int8_bank, vec, stream);
   } else {
     // Decode and short blocks: split the context when (sequence, KV head, row block) items
     // alone would leave SMs idle (float accumulation only: the merge is float).

@@ -212,6 +212,10 @@ T __shfl_xor_sync(unsigned, T v, int mask) {
 }
 
 // ---------------------------------------------------------------- the primitives of prefill_mma.cuh
+namespace memory3::cuda {  // the range-error codes of cuda_common.cuh (a CUDA header)
+enum RangeCode : int { kRangeNone = 0, kRangeMemIds = 1, kRangeKvLens = 2, kRangeChunks = 3 };
+}  // namespace memory3::cuda
+
 namespace memory3::prefill {
 
 template <typename Elem>
@@ -297,6 +301,11 @@ inline void cp_async_16(void* dst, const void* src, int bytes) {
   if (bytes == 16) emu::check_global(src, 16, "cp.async");
   if (bytes) std::memcpy(dst, src, 16);
   else std::memset(dst, 0, 16);
+}
+// The device range-error words: the first record wins, as with atomicCAS on the GPU.
+inline void record_range(int64_t* words, int code, int64_t index, int64_t value, int64_t bound, int64_t extra = 0) {
+  if (words == nullptr || words[0] != 0) return;
+  words[0] = (int64_t(code) << 56) | (index + 1), words[1] = value, words[2] = bound, words[3] = extra;
 }
 inline void cp_async_commit() {}
 inline void cp_async_wait_all() {}

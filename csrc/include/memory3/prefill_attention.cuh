@@ -58,12 +58,22 @@ __global__ void __launch_bounds__(32 * kWarps) memory_attention_prefill_kernel(M
   const TileIndex ti = tile_of_block(blockIdx.x, BH, tiles);
   const int b = int(ti.bh / p.Hkv), kvh = int(ti.bh % p.Hkv);
   const int64_t m0 = int64_t(ti.tile) * kRows;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  // Data checks on the device (params.h): a bad length is an empty sequence, a table too
+  // short for the sequence leaves its last chunks without memories, a bad id an empty slot;
+  // each is recorded, never read past.
   int L = p.kv_lens ? p.kv_lens[b] : p.S;
-  if (L < 0 || L > p.S) L = 0;  // out of range (the launcher checks): an empty sequence, never read past
+  if (L < 0 || L > p.S) {
+    if (tid == 0 && kvh == 0 && ti.tile == tiles - 1) record_range(p.range_error, cuda::kRangeKvLens, b, L, p.S);
+    L = 0;
+  }
+  if (tid == 0 && kvh == 0 && ti.tile == tiles - 1 && int64_t(L) - 1 >= p.chunk_start) {
+    const int64_t need = (int64_t(L) - 1 - p.chunk_start) / p.chunk_size + 1;
+    if (need > p.C) record_range(p.range_error, cuda::kRangeChunks, b, L, p.C, need);
+  }
   const TilePlan plan = plan_tile(m0, kRows, G, p.T, L, p.chunk_size, p.chunk_start, p.C, p.R, p.M);
   const int nblk = plan.blocks();
 
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const float scale_log2 = float(p.scale) * kLog2e;
 
   // This thread's two rows (lane / 4 and lane / 4 + 8 of its warp's 16).
@@ -102,6 +112,8 @@ __global__ void __launch_bounds__(32 * kWarps) memory_attention_prefill_kernel(M
       const MemoryKey mk = memory_key(j, p.M);
       const int64_t id = j < nkeys ? ids[int64_t(kb.chunk) * p.R + mk.slot] : -1;
       const bool ok = id >= 0 && id < p.N;
+      if (!ok && id != -1 && mk.token == 0)  // once per slot
+        record_range(p.range_error, cuda::kRangeMemIds, (int64_t(b) * p.C + kb.chunk) * p.R + mk.slot, id, p.N);
       sOk[st * kBlockN + jj] = ok;
       if constexpr (kInt8) {
         const int64_t srow = ok ? (id * p.Hkv + kvh) * p.M + mk.token : 0;

@@ -17,6 +17,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "memory3/cuda_common.cuh"
+
 // The kernels' dynamic shared memory (the emulator gives each CTA a buffer of its own).
 #define M3_PREFILL_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 
@@ -81,6 +83,13 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes));
 }
+// A value outside its range, recorded in the launcher's device words (params.h's plan; the
+// codes of cuda_common.cuh). The kernel goes on treating it as empty.
+__device__ __forceinline__ void record_range(int64_t* words, int code, int64_t index, int64_t value, int64_t bound,
+                                             int64_t extra = 0) {
+  cuda::record_range_error(words, code, index, value, bound, extra);
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
