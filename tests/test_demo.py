@@ -247,3 +247,37 @@ def test_bank_embedder_embeds_each_text_once():
     assert inner.calls == [["ab", "a"], ["abc"]] and cached.spec() == inner.spec()
     torch.testing.assert_close(first, inner.embed(["ab", "a", "ab"]))
     torch.testing.assert_close(again, inner.embed(["a", "abc"]))
+
+
+def test_ranked_top1_reads_the_bank_in_place(tmp_path):
+    """Ranked positions with one memory per chunk: slot 0 is not shifted, so the rows are read
+    in place (no gather) with the same logits as the gathered path (a second, empty slot);
+    the per-slot rotations cached for one R serve no other R."""
+    from memory3.memory.bank import Bank
+    from memory3.memory.encoder import encode_texts
+    from memory3.memory.manifest import MemoryShape
+    from memory3.model import Memories
+
+    tok = Memory3Tokenizer.byte_level()
+    c = Memory3Config.preset("tiny", memory_positions="ranked")
+    model = init_for_training(Memory3Model(c), seed=5).eval()
+    texts = ["Kalomi was born in Oslo .", "Bero worked for Acme .", "Tina studied at Yale ."]
+    bank = Bank.create(tmp_path / "bank", shape=MemoryShape(c.n_memory_layers, c.n_kv_heads, c.memory_tokens,
+                                                            c.head_dim), fingerprint=model.fingerprint(),
+                       codec="int8", device="cpu", dtype=torch.float32)
+    bank.append(["a", "b", "c"], texts, encode_texts(model, tok, texts, progress=False).float())
+    reader = MemoryReader(bank, model)
+    tokens = torch.tensor([[*c.prefix_ids, c.bos_id, *tok.encode(" Q: where was Kalomi born ? A:")]])
+    with torch.inference_mode():
+        one = reader(torch.tensor([[0]]), 1)
+        assert model._rank_memories(one) is one  # nothing gathered
+        got = model(tokens, one)
+        padded = model(tokens, reader(torch.tensor([[0, -1]]), 1))
+        three = model(tokens, reader(torch.tensor([[0, 2, 1]]), 1))
+        two = model(tokens, reader(torch.tensor([[0, 2]]), 1))
+        fresh = init_for_training(Memory3Model(c), seed=5).eval()
+        want_two = fresh(tokens, reader(torch.tensor([[0, 2]]), 1))
+    bank.close()
+    torch.testing.assert_close(got, padded, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(two, want_two)
+    assert not torch.allclose(two, three, atol=1e-3)

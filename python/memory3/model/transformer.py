@@ -141,6 +141,7 @@ class Memory3Model(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         # layer index -> its slot in Memories.k / .v
         self.memory_slot = {layer: i for i, layer in enumerate(config.memory_layers)}
+        self._slot_rope: dict = {}  # ranked positions: (R, dtype, device) -> per-slot cos, sin
         self.apply(self._init_weights)
 
     @staticmethod
@@ -267,16 +268,22 @@ class Memory3Model(nn.Module):
 
     def _rank_memories(self, memories: Memories) -> Memories:
         """Ranked positions: slot r's keys rotated by a further r*ref_len. Gathers the used rows
-        (float, model dtype) once per call; the result is a bank of B*C*R rows with ids 0..."""
+        (float, model dtype) once per call; the result is a bank of B*C*R rows with ids 0...
+        One slot per chunk is slot 0, which is not shifted: its rows are read in place."""
         c = self.config
         ids = memories.ids
         B, C, R = ids.shape
-        shift = torch.arange(R, device=ids.device) * c.ref_len  # [R]
-        cos, sin = rope_cos_sin(shift, c.head_dim, c.rope_base, self.dtype)  # [R, 1, D]
-        cos, sin = cos[:, :, None], sin[:, :, None]  # [R, 1, 1, D] over [R, Hkv, M, D]
+        if R <= 1:
+            return memories
         dtype = self.dtype  # the dtype q will have: the autocast one inside autocast
         if torch.is_autocast_enabled(ids.device.type):
             dtype = torch.get_autocast_dtype(ids.device.type)
+        key = (R, self.dtype, ids.device)
+        if key not in self._slot_rope:  # a few (R, dtype, device) per model; saves 8 small ops a call
+            shift = torch.arange(R, device=ids.device) * c.ref_len  # [R]
+            cos, sin = rope_cos_sin(shift, c.head_dim, c.rope_base, self.dtype)  # [R, 1, D]
+            self._slot_rope[key] = (cos[:, :, None], sin[:, :, None])  # [R, 1, 1, D] over [R, Hkv, M, D]
+        cos, sin = self._slot_rope[key]
         ks, vs = [], []
         for slot in range(len(memories.k)):
             k, v = ops.gather_memory(
