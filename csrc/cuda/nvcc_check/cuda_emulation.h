@@ -103,3 +103,10 @@ inline unsigned long long atomicCAS(unsigned long long* word, unsigned long long
 }
 
 inline float __expf(float x) { return std::exp(x); }
+// IEEE-rounded arithmetic: the host's plain operations (no contraction across statements).
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline float __double2float_rn(double a) { return float(a); }

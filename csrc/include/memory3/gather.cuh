@@ -61,6 +61,7 @@ __global__ void __launch_bounds__(kGatherThreads) gather_memory_kernel(const Gat
   }
 }
 
+#ifndef M3_EMULATE_CUDA  // launches (the CPU emulation launches the kernels itself)
 // Rows ids[0, R) of both sides on `stream`. kVec needs 16-byte aligned bank rows and pieces
 // (host-checked). Instantiated per (In, Out) in csrc/cuda/gather_memory_kernels.cu.
 template <typename In, typename Out>
@@ -71,6 +72,8 @@ cudaError_t run_gather_memory(const GatherParams& p, int64_t N, int64_t R, bool 
   else gather_memory_kernel<In, Out, false><<<blocks, kGatherThreads, 0, stream>>>(p, N);
   return cudaGetLastError();
 }
+
+#endif
 
 }  // namespace memory3::cuda
 

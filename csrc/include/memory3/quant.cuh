@@ -174,6 +174,7 @@ __global__ void __launch_bounds__(kQuantThreads) dequantize_kernel(const Dequant
   }
 }
 
+#ifndef M3_EMULATE_CUDA  // launches (the CPU emulation launches the kernels itself)
 // ---------------------------------------------------------------- host entry points
 
 // Instantiated per input dtype in csrc/cuda/quant_kernels.cu. R = N * Hkv * M vectors.
@@ -221,6 +222,8 @@ cudaError_t run_dequantize_memory(Codec codec, const DequantizeParams& p, int64_
   }
   return cudaGetLastError();
 }
+
+#endif
 
 }  // namespace memory3::cuda
 

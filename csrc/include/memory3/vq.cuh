@@ -48,12 +48,12 @@ M3_HD bool vq_header_ok(float fmt, float cb, float pm, float pb, int D, int64_t 
 
 template <typename Out>
 __global__ void __launch_bounds__(kVqThreads) dequantize_vq_kernel(const VqCudaParams p) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  M3_DYNAMIC_SMEM(smem);
   float* y = reinterpret_cast<float*>(smem);                          // [kVqTile][D]
   int* coarse_ix = reinterpret_cast<int*>(y + kVqTile * p.D);          // [kVqTile][2]
   int* fine_ix = coarse_ix + 2 * kVqTile;                              // [kVqTile][kVqMaxPqParts]
   int* live = fine_ix + kVqTile * kVqMaxPqParts;                       // [kVqTile]: decode (1) or zero (0)
-  __shared__ int header[4];  // ok, coarse_bits, pq_m, pq_bits
+  M3_SHARED int header[4];  // ok, coarse_bits, pq_m, pq_bits
   const int D = p.D;
   const int64_t v0 = int64_t(blockIdx.x) * kVqTile;
   const int64_t per_row = p.Hkv * p.M;
@@ -138,6 +138,7 @@ __global__ void __launch_bounds__(kVqThreads) dequantize_vq_kernel(const VqCudaP
 // Shared memory of a block at head dim D.
 M3_HD int vq_smem_bytes(int D) { return kVqTile * D * 4 + (2 * kVqTile + kVqTile * kVqMaxPqParts + kVqTile) * 4; }
 
+#ifndef M3_EMULATE_CUDA  // launches (the CPU emulation launches the kernels itself)
 // Instantiated per output dtype in csrc/cuda/vq_kernels.cu.
 template <typename Out>
 cudaError_t run_dequantize_vq(const VqCudaParams& p, cudaStream_t stream) {
@@ -151,6 +152,8 @@ cudaError_t run_dequantize_vq(const VqCudaParams& p, cudaStream_t stream) {
   dequantize_vq_kernel<Out><<<unsigned(ceil_div(p.vectors, kVqTile)), kVqThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
+
+#endif
 
 }  // namespace memory3::cuda
 
