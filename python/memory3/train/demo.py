@@ -1,6 +1,6 @@
 """`memory3 demo`: explicit memory on a synthetic knowledge base, end to end, measured.
 
-    memory3 demo                    # 30 min measured on a busy 2-core CPU, report in ./memory3-demo
+    memory3 demo                    # ~11 min measured on the shared 2-core CPU, report in ./memory3-demo
     memory3 demo --quick --out /tmp/d   # a short run (tests): every stage, tiny sizes
     memory3 demo --scale 8 --device cuda  # 8x the training steps (a GPU)
 
@@ -47,7 +47,8 @@ VARIANTS = ("parallel", "ranked")  # memory position layouts trained and compare
 
 @dataclass
 class DemoSizes:
-    """Every size of a demo run. ``default()`` took 30 minutes on a busy 2-core CPU (1 thread; 2026-11-29)."""
+    """Every size of a demo run. ``default()``: 10 min 49 s on the 2-core CPU machine shared with other
+    jobs (load average 2-4 while training, 15-40 while evaluating; 2026-11-29, bench/RESULTS.md)."""
     n_train: int = 1000
     n_heldout: int = 300
     n_names: int = 1500
@@ -57,7 +58,7 @@ class DemoSizes:
                                                      mlp_dim=344))
     large: dict = field(default_factory=lambda: dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, head_dim=32,
                                                      mlp_dim=688, memory_layers=()))
-    steps: dict = field(default_factory=lambda: {"parallel": 600, "ranked": 600, "large": 80})
+    steps: dict = field(default_factory=lambda: {"parallel": 600, "ranked": 600, "large": 100})
     # TRAINING.md's single-stage recipe, with one memory for the first 40% of the steps: reading
     # one memory is learned far faster alone (bench/RESULTS.md, 2026-11-29 binding experiments)
     recipe: dict = field(default_factory=lambda: {"curriculum_start": 0.4, "curriculum_frac": 0.2})
@@ -353,7 +354,8 @@ def _mean(xs) -> float:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a short run with tiny sizes (tests; well under 2 minutes)")
     p.add_argument("--scale", type=float, default=1.0, metavar="N",
-                   help="multiply the training steps by N (default 1: 30 minutes measured on a busy 2-core CPU)")
+                   help="multiply the training steps by N (default 1: ~11 minutes measured on the shared 2-core "
+                        "CPU; on a GPU, --scale 20 is the run to try for binding at parallel positions, untested)")
     p.add_argument("--out", default="./memory3-demo", metavar="DIR",
                    help="report folder (resumed when it holds finished stages); default ./memory3-demo")
     p.add_argument("--seed", type=int, default=0, help="knowledge base, initialisation and data seed")
