@@ -45,7 +45,8 @@ def raw16(t: torch.Tensor) -> bytes:
     return t.contiguous().view(torch.int16).numpy().tobytes()
 
 
-def run_emulator(exe: Path, tmp: Path, args: dict, dout: torch.Tensor, dlse: torch.Tensor, mem_grad: bool) -> dict:
+def run_emulator(exe: Path, tmp: Path, args: dict, dout: torch.Tensor, dlse: torch.Tensor, mem_grad: bool,
+                 exact_p: bool = True) -> dict:
     q, k, v, mk, mv, ids = (args[n] for n in ("q", "k", "v", "mem_k", "mem_v", "mem_ids"))
     B, T, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
@@ -54,7 +55,8 @@ def run_emulator(exe: Path, tmp: Path, args: dict, dout: torch.Tensor, dlse: tor
     lens = args.get("kv_lens")
     int8 = mk.dtype == torch.int8
     header = (f"{B} {T} {S} {Hq} {Hkv} {D} {N} {M} {C} {R} {args['chunk_size']} {args['chunk_start']} "
-              f"{int(lens is not None)} {int(int8)} {int(q.dtype == torch.float16)} {int(mem_grad)} {D ** -0.5!r}\n")
+              f"{int(lens is not None)} {int(int8)} {int(q.dtype == torch.float16)} {int(mem_grad)} {int(exact_p)} "
+              f"{D ** -0.5!r}\n")
     blob = [header.encode(), raw16(q), raw16(k), raw16(v)]
     if int8:
         blob += [mk.numpy().tobytes(), mv.numpy().tobytes(), args["mem_k_scale"].float().numpy().tobytes(),
@@ -110,6 +112,9 @@ CASES = {
                             dtype=torch.bfloat16),
     # D=96, fp16, GQA 3
     "d96_fp16": FreshCase(B=1, T=33, S=50, Hq=6, Hkv=2, D=96, N=4, chunk_size=16, chunk_start=0, dtype=torch.float16),
+    # FlashAttention's rounded P (MEMORY3_PREFILL_P=rounded)
+    "rounded_p": FreshCase(B=2, T=40, S=70, Hq=10, Hkv=2, D=80, N=6, chunk_size=16, chunk_start=3,
+                           kv_lens=[70, 50], dtype=torch.bfloat16),
 }
 
 
@@ -122,9 +127,11 @@ def test_emulated_kernels_match_reference(name, emulator, tmp_path):
     dout = torch.randn(case.B, case.T, case.Hq, case.D, generator=g).to(case.dtype)
     dlse = torch.randn(case.B, case.Hq, case.T, generator=g)
     mem_grad = not case.int8_bank
-    got = run_emulator(emulator, tmp_path, args, dout, dlse, mem_grad)
+    exact_p = name != "rounded_p"
+    got = run_emulator(emulator, tmp_path, args, dout, dlse, mem_grad, exact_p)
 
-    # Forward: FlashAttention's rule and the relative error of bf16/fp16 operands.
+    # Forward: FlashAttention's rule, the float32-accumulation cap (exact P) or the relative
+    # error of bf16/fp16 operands (rounded P).
     names = ("q", "k", "v") + (("mem_k", "mem_v") if mem_grad else ())
     leaves = [args[n].double().requires_grad_() for n in names]
     wide = dict(args, **dict(zip(names, leaves)))
@@ -137,6 +144,10 @@ def test_emulated_kernels_match_reference(name, emulator, tmp_path):
     err = (out - ref_out.detach()).abs().max().item()
     low_err = (low_out.double() - ref_out.detach()).abs().max().item()
     assert err <= 2 * low_err + 1e-5, f"{case}: max error {err:.3g} > 2 x {low_err:.3g}"
+    if exact_p:
+        cap = 0.5 * torch.finfo(case.dtype).eps * ref_out.detach().abs() * (1 + 1e-3) + 1e-5
+        worst = ((out - ref_out.detach()).abs() / cap).max().item()
+        assert worst <= 1, f"{case}: error {worst:.3g} x the float32-accumulation cap"
     rel = ((out - ref_out.detach()).norm() / ref_out.detach().norm()).item()
     assert rel < REL_L2[case.dtype], f"{case}: relative error {rel:.3g}"
     assert torch.equal(torch.isneginf(got["lse"]), torch.isneginf(ref_lse.detach())), f"{case}: lse -inf rows"

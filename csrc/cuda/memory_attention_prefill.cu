@@ -1,6 +1,8 @@
 // Picks the tensor-core prefill kernel for a memory_attention call, or says it cannot serve
 // it (the caller falls back). Torch-free: the checks read only params.
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <initializer_list>
 
 #include "memory_attention_prefill.h"
@@ -36,8 +38,10 @@ bool prefill_supports(const MemoryAttentionParams& p, bool int8_bank) {
 bool launch_memory_attention_prefill(const MemoryAttentionParams& p, PrefillDtype dtype, bool int8_bank,
                                      cudaStream_t stream) {
   if (!prefill_supports(p, int8_bank)) return false;
-  return dtype == PrefillDtype::bf16 ? launch_prefill_bf16(p, int8_bank, stream)
-                                     : launch_prefill_fp16(p, int8_bank, stream);
+  const char* mode = std::getenv("MEMORY3_PREFILL_P");
+  const bool exact_p = mode == nullptr || std::strcmp(mode, "rounded") != 0;
+  return dtype == PrefillDtype::bf16 ? launch_prefill_bf16(p, int8_bank, exact_p, stream)
+                                     : launch_prefill_fp16(p, int8_bank, exact_p, stream);
 }
 
 }  // namespace memory3

@@ -18,11 +18,12 @@ bool prefill_supports(const MemoryAttentionParams& p, bool int8_bank);
 
 // Launches the kernel on `stream` when prefill_supports(p, int8_bank), and returns whether it
 // did (false: the caller runs its fallback). Launch errors are left for cudaGetLastError.
+// P enters P V exactly (two MMAs, prefill_attention.cuh) unless MEMORY3_PREFILL_P=rounded.
 bool launch_memory_attention_prefill(const MemoryAttentionParams& p, PrefillDtype dtype, bool int8_bank,
                                      cudaStream_t stream);
 
 // One translation unit per dtype (compile time).
-bool launch_prefill_bf16(const MemoryAttentionParams& p, bool int8_bank, cudaStream_t stream);
-bool launch_prefill_fp16(const MemoryAttentionParams& p, bool int8_bank, cudaStream_t stream);
+bool launch_prefill_bf16(const MemoryAttentionParams& p, bool int8_bank, bool exact_p, cudaStream_t stream);
+bool launch_prefill_fp16(const MemoryAttentionParams& p, bool int8_bank, bool exact_p, cudaStream_t stream);
 
 }  // namespace memory3

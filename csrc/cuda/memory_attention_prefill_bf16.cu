@@ -4,7 +4,7 @@
 #include "memory_attention_prefill.h"
 
 namespace memory3 {
-bool launch_prefill_bf16(const MemoryAttentionParams& p, bool int8_bank, cudaStream_t stream) {
-  return prefill::launch_forward_dims<__nv_bfloat16>(p, int8_bank, stream);
+bool launch_prefill_bf16(const MemoryAttentionParams& p, bool int8_bank, bool exact_p, cudaStream_t stream) {
+  return prefill::launch_forward_dims<__nv_bfloat16>(p, int8_bank, exact_p, stream);
 }
 }  // namespace memory3

@@ -229,6 +229,7 @@ struct EmulatedTraits {
   }
   static float value(uint16_t b) { return to_float(Elem{b}); }
   static uint32_t pack(float lo, float hi) { return uint32_t(bits(lo)) | (uint32_t(bits(hi)) << 16); }
+  static float2 unpack(uint32_t u) { return {value(uint16_t(u & 0xffff)), value(uint16_t(u >> 16))}; }
   static Elem from_float(float x) { return Elem{bits(x)}; }
   static float to_float(Elem x) { return memory3::to_float(x); }
   // mma.m16n8k16: each lane builds A (16 x 16) and B (16 x 8) from the warp's fragments.
@@ -321,7 +322,7 @@ namespace {
 using namespace memory3;
 
 struct Case {
-  int B, T, S, Hq, Hkv, D, N, M, C, R, chunk_size, chunk_start, has_lens, int8, fp16, mem_grad;
+  int B, T, S, Hq, Hkv, D, N, M, C, R, chunk_size, chunk_start, has_lens, int8, fp16, mem_grad, exact_p;
   double scale;
 };
 
@@ -393,8 +394,10 @@ void run(const Case& c, std::ifstream& in, std::ofstream& out) {
   const int64_t q_tiles = (int64_t(c.T) * G + Cfg::kRows - 1) / Cfg::kRows;
   const MemoryAttentionParams& p = g;
   for (int64_t blk = 0; blk < q_tiles * bh; ++blk)
-    emu::run_cta(unsigned(blk), Cfg::kThreads, Cfg::kSmem,
-                 [&] { prefill::memory_attention_prefill_kernel<Elem, kD, 4, kInt8>(p); });
+    emu::run_cta(unsigned(blk), Cfg::kThreads, Cfg::kSmem, [&] {
+      if (c.exact_p) prefill::memory_attention_prefill_kernel<Elem, kD, 4, kInt8, true>(p);
+      else prefill::memory_attention_prefill_kernel<Elem, kD, 4, kInt8, false>(p);
+    });
 
   const int64_t rows = int64_t(c.B) * c.T * c.Hq;
   for (int64_t blk = 0; blk < (rows + 3) / 4; ++blk)
@@ -450,9 +453,9 @@ int main(int argc, char** argv) {
   std::string header;
   std::getline(in, header);
   Case c{};
-  if (std::sscanf(header.c_str(), "%d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %lf", &c.B, &c.T, &c.S, &c.Hq,
+  if (std::sscanf(header.c_str(), "%d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %lf", &c.B, &c.T, &c.S, &c.Hq,
                   &c.Hkv, &c.D, &c.N, &c.M, &c.C, &c.R, &c.chunk_size, &c.chunk_start, &c.has_lens, &c.int8, &c.fp16,
-                  &c.mem_grad, &c.scale) != 17)
+                  &c.mem_grad, &c.exact_p, &c.scale) != 18)
     emu::fail("bad header: " + header);
   std::ofstream out(argv[2], std::ios::binary);
   if (c.fp16) c.int8 ? run_dims<fp16_t, true>(c, in, out) : run_dims<fp16_t, false>(c, in, out);

@@ -16,6 +16,12 @@
 // int8 banks. Codes are exact in bf16/fp16 (|code| <= 127), so the kernel stores codes in
 // shared memory and applies the scales outside the MMAs: S[:, j] *= k_scale[j] before the
 // softmax, P[:, j] *= v_scale[j] before P V (l sums the unscaled P), as exact as a float bank.
+// P. FlashAttention rounds P to the input dtype before P V (error ~2^-9 relative per term in
+// bf16). With kExactP (the default) P goes in as two terms, its rounding and the rounding's
+// remainder (two MMAs per step, ~2^-17 relative): the output is then within float32 error of
+// the exact answer before its final rounding, the bar the CPU kernel meets and the tests hold
+// every backend to. kExactP = false (MEMORY3_PREFILL_P=rounded) is FlashAttention's trade: one
+// MMA fewer per step of P V, held to FlashAttention's 2x rule.
 #pragma once
 
 #include <cstdint>
@@ -36,7 +42,7 @@ struct ForwardConfig {
   static constexpr int kSmem = forward_smem_bytes(kD, kRows, int(sizeof(Elem)));
 };
 
-template <typename Elem, int kD, int kWarps, bool kInt8>
+template <typename Elem, int kD, int kWarps, bool kInt8, bool kExactP>
 __global__ void __launch_bounds__(32 * kWarps) memory_attention_prefill_kernel(MemoryAttentionParams p) {
   using Cfg = ForwardConfig<Elem, kD, kWarps, kInt8>;
   using Tr = ElemTraits<Elem>;
@@ -266,17 +272,29 @@ __global__ void __launch_bounds__(32 * kWarps) memory_attention_prefill_kernel(M
           v0 = vs[0], v1 = vs[1], v2 = vs[8], v3 = vs[9];
         }
       }
-      uint32_t a[4];
-      a[0] = Tr::pack(s[2 * kk][0] * v0, s[2 * kk][1] * v1);
-      a[1] = Tr::pack(s[2 * kk][2] * v0, s[2 * kk][3] * v1);
-      a[2] = Tr::pack(s[2 * kk + 1][0] * v2, s[2 * kk + 1][1] * v3);
-      a[3] = Tr::pack(s[2 * kk + 1][2] * v2, s[2 * kk + 1][3] * v3);
+      const float x[4][2] = {{s[2 * kk][0] * v0, s[2 * kk][1] * v1},
+                             {s[2 * kk][2] * v0, s[2 * kk][3] * v1},
+                             {s[2 * kk + 1][0] * v2, s[2 * kk + 1][1] * v3},
+                             {s[2 * kk + 1][2] * v2, s[2 * kk + 1][3] * v3}};
+      uint32_t a[4], a_lo[4];  // P rounded, and (exact P) what the rounding left out
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        a[i] = Tr::pack(x[i][0], x[i][1]);
+        if constexpr (kExactP) {
+          const float2 hi = Tr::unpack(a[i]);
+          a_lo[i] = Tr::pack(x[i][0] - hi.x, x[i][1] - hi.y);
+        }
+      }
 #pragma unroll
       for (int dp = 0; dp < kD / 16; ++dp) {
         uint32_t vf[4];
         ldmatrix_x4_trans(vf, vS + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * kPitch + dp * 16 + (lane / 16) * 8);
         Tr::mma(o[2 * dp], a, vf[0], vf[1]);
         Tr::mma(o[2 * dp + 1], a, vf[2], vf[3]);
+        if constexpr (kExactP) {
+          Tr::mma(o[2 * dp], a_lo, vf[0], vf[1]);
+          Tr::mma(o[2 * dp + 1], a_lo, vf[2], vf[3]);
+        }
       }
     }
   }
@@ -309,27 +327,34 @@ namespace memory3::prefill {
 // Launches the kernel for one (dtype, head dim, bank type); the dispatcher
 // (csrc/cuda/memory_attention_prefill.cu) has checked the shapes and alignment. The launch
 // error, if any, is left for the caller's cudaGetLastError.
-template <typename Elem, int kD, bool kInt8>
+template <typename Elem, int kD, bool kInt8, bool kExactP>
 void launch_forward(const MemoryAttentionParams& p, cudaStream_t stream) {
   constexpr int kWarps = 4;
   using Cfg = ForwardConfig<Elem, kD, kWarps, kInt8>;
   const int64_t tiles = (int64_t(p.T) * (p.Hq / p.Hkv) + Cfg::kRows - 1) / Cfg::kRows;
   const int64_t blocks = tiles * p.B * p.Hkv;
   if (blocks == 0) return;
-  auto kernel = memory_attention_prefill_kernel<Elem, kD, kWarps, kInt8>;
+  auto kernel = memory_attention_prefill_kernel<Elem, kD, kWarps, kInt8, kExactP>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmem);
   kernel<<<dim3(unsigned(blocks)), dim3(Cfg::kThreads), Cfg::kSmem, stream>>>(p);
 }
 
-// Every head dim of one dtype, float and int8 banks (one translation unit per dtype).
+// Every head dim of one dtype, float and int8 banks, exact or rounded P (one translation
+// unit per dtype).
+template <typename Elem, int kD>
+void launch_forward_variant(const MemoryAttentionParams& p, bool int8_bank, bool exact_p, cudaStream_t stream) {
+  if (int8_bank) exact_p ? launch_forward<Elem, kD, true, true>(p, stream) : launch_forward<Elem, kD, true, false>(p, stream);
+  else exact_p ? launch_forward<Elem, kD, false, true>(p, stream) : launch_forward<Elem, kD, false, false>(p, stream);
+}
+
 template <typename Elem>
-bool launch_forward_dims(const MemoryAttentionParams& p, bool int8_bank, cudaStream_t stream) {
+bool launch_forward_dims(const MemoryAttentionParams& p, bool int8_bank, bool exact_p, cudaStream_t stream) {
   switch (p.D) {
-    case 32: int8_bank ? launch_forward<Elem, 32, true>(p, stream) : launch_forward<Elem, 32, false>(p, stream); return true;
-    case 64: int8_bank ? launch_forward<Elem, 64, true>(p, stream) : launch_forward<Elem, 64, false>(p, stream); return true;
-    case 80: int8_bank ? launch_forward<Elem, 80, true>(p, stream) : launch_forward<Elem, 80, false>(p, stream); return true;
-    case 96: int8_bank ? launch_forward<Elem, 96, true>(p, stream) : launch_forward<Elem, 96, false>(p, stream); return true;
-    case 128: int8_bank ? launch_forward<Elem, 128, true>(p, stream) : launch_forward<Elem, 128, false>(p, stream); return true;
+    case 32: launch_forward_variant<Elem, 32>(p, int8_bank, exact_p, stream); return true;
+    case 64: launch_forward_variant<Elem, 64>(p, int8_bank, exact_p, stream); return true;
+    case 80: launch_forward_variant<Elem, 80>(p, int8_bank, exact_p, stream); return true;
+    case 96: launch_forward_variant<Elem, 96>(p, int8_bank, exact_p, stream); return true;
+    case 128: launch_forward_variant<Elem, 128>(p, int8_bank, exact_p, stream); return true;
     default: return false;
   }
 }
