@@ -46,7 +46,7 @@ def raw16(t: torch.Tensor) -> bytes:
 
 
 def run_emulator(exe: Path, tmp: Path, args: dict, dout: torch.Tensor, dlse: torch.Tensor, mem_grad: bool,
-                 exact_p: bool = True) -> dict:
+                 exact_p: bool = True, simt: bool = False) -> dict:
     q, k, v, mk, mv, ids = (args[n] for n in ("q", "k", "v", "mem_k", "mem_v", "mem_ids"))
     B, T, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
@@ -56,7 +56,7 @@ def run_emulator(exe: Path, tmp: Path, args: dict, dout: torch.Tensor, dlse: tor
     int8 = mk.dtype == torch.int8
     header = (f"{B} {T} {S} {Hq} {Hkv} {D} {N} {M} {C} {R} {args['chunk_size']} {args['chunk_start']} "
               f"{int(lens is not None)} {int(int8)} {int(q.dtype == torch.float16)} {int(mem_grad)} {int(exact_p)} "
-              f"{D ** -0.5!r}\n")
+              f"{int(simt)} {D ** -0.5!r}\n")
     blob = [header.encode(), raw16(q), raw16(k), raw16(v)]
     if int8:
         blob += [mk.numpy().tobytes(), mv.numpy().tobytes(), args["mem_k_scale"].float().numpy().tobytes(),
@@ -99,8 +99,8 @@ class FreshCase(AttentionCase):
 
 CASES = {
     # GQA 5, D=80, chunks of 16 (tiles over several chunks), chunk_start 3, ragged, bank grads
-    "paper_heads_ragged": FreshCase(B=2, T=40, S=70, Hq=10, Hkv=2, D=80, N=6, chunk_size=16, chunk_start=3,
-                                    kv_lens=[70, 50], dtype=torch.bfloat16),
+    "paper_heads_ragged": FreshCase(B=2, T=30, S=50, Hq=10, Hkv=2, D=80, N=6, chunk_size=16, chunk_start=3,
+                                    kv_lens=[50, 40], dtype=torch.bfloat16),
     # int8 bank in fp16, padded queries (kv_lens < T), 64-token chunks
     "int8_padded_fp16": FreshCase(B=2, T=40, S=60, Hq=4, Hkv=2, D=64, N=9, chunk_size=64, chunk_start=0,
                                   kv_lens=[60, 25], dtype=torch.float16, int8_bank=True),
@@ -113,13 +113,23 @@ CASES = {
     # D=96, fp16, GQA 3
     "d96_fp16": FreshCase(B=1, T=33, S=50, Hq=6, Hkv=2, D=96, N=4, chunk_size=16, chunk_start=0, dtype=torch.float16),
     # FlashAttention's rounded P (MEMORY3_PREFILL_P=rounded)
-    "rounded_p": FreshCase(B=2, T=40, S=70, Hq=10, Hkv=2, D=80, N=6, chunk_size=16, chunk_start=3,
-                           kv_lens=[70, 50], dtype=torch.bfloat16),
+    "rounded_p": FreshCase(B=1, T=30, S=50, Hq=10, Hkv=2, D=80, N=6, chunk_size=16, chunk_start=3,
+                           dtype=torch.bfloat16),
+    # small cases for the CUDA-core backward (one warp per row: slow to emulate)
+    "simt_ragged": FreshCase(B=2, T=20, S=36, Hq=4, Hkv=2, D=32, N=4, chunk_size=8, chunk_start=3,
+                             kv_lens=[36, 15], dtype=torch.bfloat16),
+    "simt_int8_fp16": FreshCase(B=1, T=20, S=30, Hq=4, Hkv=1, D=32, N=5, chunk_size=16, chunk_start=0,
+                                dtype=torch.float16, int8_bank=True),
 }
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_emulated_kernels_match_reference(name, emulator, tmp_path):
+RUNS = [(name, name.startswith("simt")) for name in CASES]
+
+
+@pytest.mark.parametrize("name,simt", RUNS, ids=[f"{n}-{'cuda_cores' if s else 'tensor_cores'}" for n, s in RUNS])
+def test_emulated_kernels_match_reference(name, simt, emulator, tmp_path):
+    """Forward, then the backward: the tensor-core passes, or (simt) the CUDA-core backward that
+    serves float32/float64 and the other head dims."""
     case = dataclasses.replace(CASES[name])  # a fresh salt per run
     case = dataclasses.replace(case, salt=random.SystemRandom().randrange(2**31))
     args = case.make("cpu")
@@ -128,7 +138,7 @@ def test_emulated_kernels_match_reference(name, emulator, tmp_path):
     dlse = torch.randn(case.B, case.Hq, case.T, generator=g)
     mem_grad = not case.int8_bank
     exact_p = name != "rounded_p"
-    got = run_emulator(emulator, tmp_path, args, dout, dlse, mem_grad, exact_p)
+    got = run_emulator(emulator, tmp_path, args, dout, dlse, mem_grad, exact_p, simt)
 
     # Forward: FlashAttention's rule, the float32-accumulation cap (exact P) or the relative
     # error of bf16/fp16 operands (rounded P).

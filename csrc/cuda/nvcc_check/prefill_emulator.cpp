@@ -19,6 +19,9 @@
 // Not emulated: timing, memory ordering between warps without a barrier (a race that a
 // barrier would hide is not found here: compute-sanitizer racecheck covers that on a GPU).
 //
+// With `simt` set in the header, the backward is the CUDA-core one (memory_attention_backward.cuh)
+// instead of the tensor-core passes.
+//
 // Usage: prefill_emulator IN OUT. IN: one text line of sizes (see read_case), then the raw
 // arrays; OUT: out, lse, dq, dk, dv[, dmem_k, dmem_v] raw. Exit 0, or a message and 1.
 #define M3_PREFILL_EMULATE 1
@@ -313,6 +316,22 @@ inline void cp_async_wait_all() {}
 
 }  // namespace memory3::prefill
 
+// The CUDA bf16/fp16 types and conversions the CUDA-core backward uses, as the host's
+// bit-exact conversions of memory3/numeric.h.
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+struct __half {
+  uint16_t bits;
+};
+inline float __bfloat162float(__nv_bfloat16 x) { return memory3::to_float(memory3::bf16_t{x.bits}); }
+inline float __half2float(__half x) { return memory3::to_float(memory3::fp16_t{x.bits}); }
+inline __nv_bfloat16 __float2bfloat16_rn(float x) { return {memory3::to_bf16(x).bits}; }
+inline __half __float2half_rn(float x) { return {memory3::to_fp16(x).bits}; }
+inline float __expf(float x) { return std::exp(x); }
+using std::isinf;
+
+#include "memory3/memory_attention_backward.cuh"
 #include "memory3/prefill_attention.cuh"
 #include "memory3/prefill_backward.cuh"
 
@@ -322,7 +341,7 @@ namespace {
 using namespace memory3;
 
 struct Case {
-  int B, T, S, Hq, Hkv, D, N, M, C, R, chunk_size, chunk_start, has_lens, int8, fp16, mem_grad, exact_p;
+  int B, T, S, Hq, Hkv, D, N, M, C, R, chunk_size, chunk_start, has_lens, int8, fp16, mem_grad, exact_p, simt;
   double scale;
 };
 
@@ -336,6 +355,27 @@ std::vector<T> read_array(std::ifstream& in, size_t n) {
 template <typename T>
 void write_array(std::ofstream& out, const std::vector<T>& v) {
   out.write(reinterpret_cast<const char*>(v.data()), std::streamsize(v.size() * sizeof(T)));
+}
+
+// The CUDA-core backward (memory_attention_backward.cuh) with the grids of its launch_backward.
+template <typename Elem, bool kInt8>
+void run_simt_backward(const Case& c, const MemoryAttentionBwdParams& g, std::vector<float>& delta,
+                       std::vector<float>& slots) {
+  using T = std::conditional_t<std::is_same_v<Elem, bf16_t>, __nv_bfloat16, __half>;
+  using MT = std::conditional_t<kInt8, int8_t, T>;
+  const backward::BackwardScratch w{delta.data(), c.mem_grad ? slots.data() : nullptr};
+  constexpr int kWarps = backward::kWarpsPerBlock;
+  auto blocks = [](int64_t warps) { return (warps + kWarps - 1) / kWarps; };
+  for (int64_t blk = 0; blk < blocks(int64_t(c.B) * c.T * c.Hq); ++blk)
+    emu::run_cta(unsigned(blk), 32 * kWarps, 0, [&] { backward::dq_kernel<T, MT, float>(g, w); });
+  for (int64_t blk = 0; blk < blocks(int64_t(c.B) * c.S * c.Hkv); ++blk)
+    emu::run_cta(unsigned(blk), 32 * kWarps, 0, [&] { backward::dkv_kernel<T, MT, float>(g, w); });
+  if (!c.mem_grad) return;
+  for (int64_t blk = 0; blk < blocks(int64_t(c.B) * c.C * c.R * c.M * c.Hkv); ++blk)
+    emu::run_cta(unsigned(blk), 32 * kWarps, 0, [&] { backward::dmem_kernel<T, MT, float>(g, w); });
+  const int64_t per_memory = int64_t(c.Hkv) * c.M * c.D;
+  for (int64_t blk = 0; blk < (per_memory + 255) / 256; ++blk)
+    emu::run_cta(unsigned(blk), 256, 0, [&] { backward::reduce_memory_grads_kernel<float>(g, w); });
 }
 
 template <typename Elem, int kD, bool kInt8>
@@ -399,33 +439,32 @@ void run(const Case& c, std::ifstream& in, std::ofstream& out) {
       else prefill::memory_attention_prefill_kernel<Elem, kD, 4, kInt8, false>(p);
     });
 
-  const int64_t rows = int64_t(c.B) * c.T * c.Hq;
-  for (int64_t blk = 0; blk < (rows + 3) / 4; ++blk)
-    emu::run_cta(unsigned(blk), 128, 0, [&] { prefill::prefill_delta_kernel<Elem>(g, delta.data()); });
-  constexpr int kSmem = prefill::backward_smem_bytes(kD, int(sizeof(Elem)));
-  const int64_t bq_tiles = (int64_t(c.T) * G + prefill::kBwdRows - 1) / prefill::kBwdRows;
-  for (int64_t blk = 0; blk < bq_tiles * bh; ++blk)
-    emu::run_cta(unsigned(blk), prefill::kBwdThreads, kSmem,
-                 [&] { prefill::prefill_dq_kernel<Elem, kD, kInt8>(g, delta.data()); });
-  const int64_t k_tiles = (int64_t(c.S) + prefill::kBwdRows - 1) / prefill::kBwdRows;
-  for (int64_t blk = 0; blk < k_tiles * bh; ++blk)
-    emu::run_cta(unsigned(blk), prefill::kBwdThreads, kSmem,
-                 [&] { prefill::prefill_dkv_kernel<Elem, kD, false>(g, delta.data(), nullptr); });
-  if constexpr (!kInt8) {
-    if (c.mem_grad) {
-      const int64_t m_tiles = (int64_t(c.R) * c.M + prefill::kBwdRows - 1) / prefill::kBwdRows;
-      for (int64_t blk = 0; blk < m_tiles * c.C * bh; ++blk)
-        emu::run_cta(unsigned(blk), prefill::kBwdThreads, kSmem,
-                     [&] { prefill::prefill_dkv_kernel<Elem, kD, true>(g, delta.data(), slots.data()); });
-      // reduce_memory_grads_kernel's loop: slots in (b, c, r) order into the bank rows by id.
-      const int64_t per_memory = int64_t(c.Hkv) * c.M * c.D;
-      for (int64_t slot = 0; slot < int64_t(c.B) * c.C * c.R; ++slot) {
-        const int64_t id = ids[slot];
-        if (id < 0 || id >= c.N) continue;
-        for (int64_t e = 0; e < per_memory; ++e) {
-          dmk[id * per_memory + e] += slots[(slot * 2 + 0) * per_memory + e];
-          dmv[id * per_memory + e] += slots[(slot * 2 + 1) * per_memory + e];
-        }
+  if (c.simt) {
+    run_simt_backward<Elem, kInt8>(c, g, delta, slots);
+  } else {
+    const int64_t rows = int64_t(c.B) * c.T * c.Hq;
+    for (int64_t blk = 0; blk < (rows + 3) / 4; ++blk)
+      emu::run_cta(unsigned(blk), 128, 0, [&] { prefill::prefill_delta_kernel<Elem>(g, delta.data()); });
+    constexpr int kSmem = prefill::backward_smem_bytes(kD, int(sizeof(Elem)));
+    const int64_t bq_tiles = (int64_t(c.T) * G + prefill::kBwdRows - 1) / prefill::kBwdRows;
+    for (int64_t blk = 0; blk < bq_tiles * bh; ++blk)
+      emu::run_cta(unsigned(blk), prefill::kBwdThreads, kSmem,
+                   [&] { prefill::prefill_dq_kernel<Elem, kD, kInt8>(g, delta.data()); });
+    const int64_t k_tiles = (int64_t(c.S) + prefill::kBwdRows - 1) / prefill::kBwdRows;
+    for (int64_t blk = 0; blk < k_tiles * bh; ++blk)
+      emu::run_cta(unsigned(blk), prefill::kBwdThreads, kSmem,
+                   [&] { prefill::prefill_dkv_kernel<Elem, kD, false>(g, delta.data(), nullptr); });
+    if constexpr (!kInt8) {
+      if (c.mem_grad) {
+        const int64_t m_tiles = (int64_t(c.R) * c.M + prefill::kBwdRows - 1) / prefill::kBwdRows;
+        for (int64_t blk = 0; blk < m_tiles * c.C * bh; ++blk)
+          emu::run_cta(unsigned(blk), prefill::kBwdThreads, kSmem,
+                       [&] { prefill::prefill_dkv_kernel<Elem, kD, true>(g, delta.data(), slots.data()); });
+        // launch_reduce_memory_grads: slots in (b, c, r) order into the bank rows by id.
+        const backward::BackwardScratch w{nullptr, slots.data()};
+        const int64_t per_memory = int64_t(c.Hkv) * c.M * c.D;
+        for (int64_t blk = 0; blk < (per_memory + 255) / 256; ++blk)
+          emu::run_cta(unsigned(blk), 256, 0, [&] { backward::reduce_memory_grads_kernel<float>(g, w); });
       }
     }
   }
@@ -453,9 +492,9 @@ int main(int argc, char** argv) {
   std::string header;
   std::getline(in, header);
   Case c{};
-  if (std::sscanf(header.c_str(), "%d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %lf", &c.B, &c.T, &c.S, &c.Hq,
-                  &c.Hkv, &c.D, &c.N, &c.M, &c.C, &c.R, &c.chunk_size, &c.chunk_start, &c.has_lens, &c.int8, &c.fp16,
-                  &c.mem_grad, &c.exact_p, &c.scale) != 18)
+  if (std::sscanf(header.c_str(), "%d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %lf", &c.B, &c.T, &c.S,
+                  &c.Hq, &c.Hkv, &c.D, &c.N, &c.M, &c.C, &c.R, &c.chunk_size, &c.chunk_start, &c.has_lens, &c.int8,
+                  &c.fp16, &c.mem_grad, &c.exact_p, &c.simt, &c.scale) != 19)
     emu::fail("bad header: " + header);
   std::ofstream out(argv[2], std::ios::binary);
   if (c.fp16) c.int8 ? run_dims<fp16_t, true>(c, in, out) : run_dims<fp16_t, false>(c, in, out);

@@ -14,10 +14,15 @@
 //   reduce     one thread per (KV head, token, d) element: adds the slots into dmem_k/dmem_v by
 //              id, slots in order (b, c, r), so repeated ids add up deterministically.
 // A query that saw no key (lse = -inf) gets dq = 0 and gives no gradient.
+//
+// M3_PREFILL_EMULATE: compiled by the host emulator (csrc/cuda/nvcc_check/prefill_emulator.cpp),
+// which supplies the CUDA types and intrinsics; the launch helpers are left out.
 #pragma once
 
+#ifndef M3_PREFILL_EMULATE
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#endif
 
 #include <cstdint>
 #include <type_traits>
@@ -274,6 +279,7 @@ __global__ void reduce_memory_grads_kernel(MemoryAttentionBwdParams g, BackwardS
   }
 }
 
+#ifndef M3_PREFILL_EMULATE
 // The four passes on one stream (dmem and reduce only when g.dmem_k is set).
 template <typename T, typename MT, typename Acc>
 void launch_backward(const MemoryAttentionBwdParams& g, const BackwardScratch& w, cudaStream_t stream) {
@@ -290,5 +296,7 @@ void launch_backward(const MemoryAttentionBwdParams& g, const BackwardScratch& w
   if (per_memory > 0 && mem_items > 0)
     reduce_memory_grads_kernel<Acc><<<dim3(unsigned((per_memory + 255) / 256)), dim3(256), 0, stream>>>(g, w);
 }
+
+#endif  // M3_PREFILL_EMULATE
 
 }  // namespace memory3::backward
