@@ -213,6 +213,7 @@ at::Tensor dequantize_memory_cuda(const at::Tensor& codes, const at::Tensor& met
                                   const std::optional<at::Tensor>& ids, std::optional<at::ScalarType> out_dtype) {
   const at::ScalarType out_type = out_dtype.value_or(at::kBFloat16);
   float_type_of(out_type, "out_dtype");
+  TORCH_CHECK(codes.is_cuda(), "dequantize_memory (CUDA kernel): codes must be on a CUDA device, got ", codes.device());
   const c10::cuda::CUDAGuard guard(codes.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const bool deferred = cuda_launch::range_check_deferred(stream);
