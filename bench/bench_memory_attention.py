@@ -217,10 +217,13 @@ VERSUS_CASES = [("decode", "float32"), ("prefill", "float32"), ("paper_heads_dec
 
 def versus(preset: str, dtype: str, backward: bool = False, budget_s: float = 4.0) -> dict:
     """memory3 against SDPA without memory and against the naive path, interleaved. With
-    backward=True: forward + backward (grads of q, k, v) against autograd through SDPA without
-    memory, and the kernel's forward + backward over its forward."""
+    backward=True: forward + backward (grads of q, k, v; the bank frozen, as SDPA has none)
+    against autograd through SDPA without memory, the kernel's forward + backward over its
+    forward, and the same step with the whole 10,000-row bank trainable (a dense bank gradient)."""
     case = dataclasses.replace(PRESETS[preset], dtype=DTYPES[dtype], N=10000)
     args = case.make(requires_grad=backward)
+    for name in BANK:
+        args[name] = args[name].detach()
     with torch.no_grad():  # the naive path computes the same thing (bf16: SDPA's own rounding)
         verify.relative(f"naive path {preset} {dtype}", [naive_memory_sdpa(args).transpose(1, 2)],
                         [memory_attention_ref(**args)[0]], 1e-3 if case.dtype == torch.float32 else 2e-2)
@@ -239,9 +242,16 @@ def versus(preset: str, dtype: str, backward: bool = False, budget_s: float = 4.
             out = out[0] if isinstance(out, tuple) else out
             torch.autograd.grad(out, leaves, dout.transpose(1, 2) if transpose else dout)
 
-        k, s, f = interleaved_medians([lambda: step(kernel_call, False), lambda: step(sdpa_without_memory, True), fwd],
-                                      budget_s=budget_s)
-        row.update(kernel_ms=k * 1e3, sdpa_ms=s * 1e3, forward_ms=f * 1e3, vs_sdpa=k / s, vs_forward=k / f)
+        trainable = dict(args, **{name: args[name].detach().requires_grad_() for name in BANK})
+
+        def bank_step():
+            out, _ = kernel_call(trainable)
+            torch.autograd.grad(out, leaves, dout)
+
+        k, s, f, kb = interleaved_medians([lambda: step(kernel_call, False), lambda: step(sdpa_without_memory, True),
+                                           fwd, bank_step], budget_s=budget_s)
+        row.update(kernel_ms=k * 1e3, sdpa_ms=s * 1e3, forward_ms=f * 1e3, vs_sdpa=k / s, vs_forward=k / f,
+                   bank_grad_ms=kb * 1e3)
         return row
     with torch.no_grad():
         k, s, n = interleaved_medians([lambda: kernel_call(args), lambda: sdpa_without_memory(args),

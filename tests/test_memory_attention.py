@@ -199,7 +199,7 @@ def assert_grads_match_reference(args: dict, names: tuple, atol=5e-5):
 
 
 @pytest.mark.parametrize("shape", ["decode", "prefill", "chunked_prefill", "ragged_prefill"])
-@pytest.mark.parametrize("Hq,Hkv,D", [(4, 4, 16), (8, 2, 64), (5, 1, 80), (8, 1, 128)])
+@pytest.mark.parametrize("Hq,Hkv,D", [(4, 4, 16), (8, 2, 64), (5, 1, 80), (8, 1, 128), (10, 2, 40)])
 def test_backward_matches_reference(Hq, Hkv, D, shape, device):
     """Gradients for q, k, v, mem_k, mem_v from out and lse, with repeated ids accumulating."""
     require_kernel("memory_attention", device)

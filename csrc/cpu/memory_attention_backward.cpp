@@ -1,5 +1,6 @@
-// CPU launcher of memory_attention, backward: dq (and delta) per query block, dk/dv per
-// context key block, and per-slot memory grads added into the bank rows by id.
+// CPU launcher of memory_attention, backward: one pass over (sequence, KV head[, part]) items
+// (FlashAttention-2's loop: dk/dv per key block, dq accumulated per item), one pass summing
+// each item's dq parts, and the per-slot memory grads added into the bank rows by id.
 #include <ATen/ATen.h>
 
 #include <tuple>
@@ -18,28 +19,14 @@ M3_CPU_MULTIVERSION void run_backward_pass(const PassArgs& a, WorkQueue& queue) 
     const MemoryAttentionBwdParams& g = *a.g;
     const cpu::BackwardScratch& w = *a.scratch;
     MemoryAttentionCpu<decltype(t), decltype(mt), decltype(acc)> kernel(g, a.block_q);
-    const int64_t bh = int64_t(g.B) * g.Hkv;
-    const int nqb = (g.T + a.block_q - 1) / a.block_q;
     int64_t i;
-    switch (a.pass) {
-      case BackwardPass::dq:
-        while (queue.pop(i)) {
-          const int qb = nqb - 1 - int(i / bh), b = int(i % bh / g.Hkv), kvh = int(i % g.Hkv);
-          kernel.backward_dq_item(g, w, b, kvh, qb * a.block_q);
-        }
-        break;
-      case BackwardPass::dkv:  // heaviest first: the first key blocks are seen by the most queries
-        while (queue.pop(i)) {
-          const int kb = int(i / bh), b = int(i % bh / g.Hkv), kvh = int(i % g.Hkv);
-          kernel.backward_dkv_item(g, w, b, kvh, kb * cpu::kKeyBlock);
-        }
-        break;
-      case BackwardPass::dmem:
-        while (queue.pop(i)) {
-          const int c = int(i / bh), b = int(i % bh / g.Hkv), kvh = int(i % g.Hkv);
-          kernel.backward_mem_item(g, w, b, c, kvh);
-        }
-        break;
+    if (a.merge) {  // dq of each (sequence, KV head) from its parts
+      while (queue.pop(i)) kernel.backward_finish_dq(g, w, int(i / g.Hkv), int(i % g.Hkv));
+      return;
+    }
+    while (queue.pop(i)) {
+      const int64_t item = i / w.parts;
+      kernel.backward_item(g, w, int(item / g.Hkv), int(item % g.Hkv), int(i % w.parts));
     }
   });
 }
@@ -96,7 +83,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> memory_at
   at::Tensor dq = at::empty({s.B, s.T, s.Hq, s.D}, q.options());
   at::Tensor dk = at::zeros({s.B, s.S, s.Hkv, s.D}, q.options());
   at::Tensor dv = at::zeros({s.B, s.S, s.Hkv, s.D}, q.options());
-  at::Tensor delta = at::empty({s.B, s.Hq, s.T}, q.options().dtype(acc_type));
   at::Tensor slots, acc_k, acc_v;  // per-slot memory grads; the bank grads, in Acc
   if (mem_grad) {
     slots = at::zeros({s.B, s.C, s.R, 2, s.Hkv, s.M, s.D}, q.options().dtype(acc_type));
@@ -114,18 +100,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> memory_at
   g.dq = dq.data_ptr(), g.dk = dk.data_ptr(), g.dv = dv.data_ptr();
   g.dmem_k = mem_grad ? acc_k.data_ptr() : nullptr;
   g.dmem_v = mem_grad ? acc_v.data_ptr() : nullptr;
-  const cpu::BackwardScratch scratch{delta.data_ptr(), mem_grad ? slots.data_ptr() : nullptr};
+  // Work items: (sequence, KV head), each cut into `parts` (round robin over its key blocks)
+  // when there are fewer of them than threads; each part accumulates its own dQ.
+  const int64_t bh = s.B * s.Hkv, threads = at::get_num_threads();
+  const int parts = int(std::max<int64_t>(1, std::min<int64_t>((threads + bh - 1) / bh,
+                                                               (s.S + cpu::kKeyBlock - 1) / cpu::kKeyBlock)));
+  const int G = int(s.Hq / s.Hkv);
+  const int64_t part_elems = acc_type == at::kDouble ? cpu::dq_part_elems<double>(int(s.T), G, int(s.D), in.block_q)
+                                                     : cpu::dq_part_elems<float>(int(s.T), G, int(s.D), in.block_q);
+  at::Tensor dq_parts = at::zeros({bh * parts * part_elems}, q.options().dtype(acc_type));
+  const cpu::BackwardScratch scratch{dq_parts.data_ptr(), mem_grad ? slots.data_ptr() : nullptr, parts};
 
   PassArgs args{&g, float_type_of(q.scalar_type(), "q"), s.int8_bank, in.block_q, &g, &scratch};
-  const int64_t bh = s.B * s.Hkv;
-  args.pass = BackwardPass::dq;  // also writes delta
-  parallel_pass(run_backward_pass, args, (s.T + in.block_q - 1) / in.block_q * bh);
-  args.pass = BackwardPass::dkv;
-  parallel_pass(run_backward_pass, args, (s.S + cpu::kKeyBlock - 1) / cpu::kKeyBlock * bh);
+  parallel_pass(run_backward_pass, args, bh * parts);
+  args.merge = true;
+  parallel_pass(run_backward_pass, args, bh);
   at::Tensor dmem_k = at::empty({0}, q.options()), dmem_v = at::empty({0}, q.options());
   if (mem_grad) {
-    args.pass = BackwardPass::dmem;
-    parallel_pass(run_backward_pass, args, s.C * bh);
     if (acc_type == at::kDouble) reduce_memory_grads<double>(slots, in.mem_ids, g);
     else reduce_memory_grads<float>(slots, in.mem_ids, g);
     dmem_k = acc_k.to(mem_k.scalar_type());

@@ -35,8 +35,7 @@ struct WorkQueue {
 
 // What a pass's worker needs besides its work queue. A worker (one per launcher file) is
 // compiled once per ISA level (M3_CPU_MULTIVERSION), with all the kernel code it reaches
-// inlined into it; the backward runs three passes through one worker.
-enum class BackwardPass { dq, dkv, dmem };
+// inlined into it; the backward runs two passes through one worker.
 
 struct PassArgs {
   const MemoryAttentionParams* p;
@@ -45,9 +44,8 @@ struct PassArgs {
   int block_q;
   const MemoryAttentionBwdParams* g = nullptr;   // backward only: p == g
   const cpu::BackwardScratch* scratch = nullptr;  // backward only
-  BackwardPass pass = BackwardPass::dq;           // backward only
-  // Decode split over the context only: parts per (sequence, KV head), their o [G][D], m [G]
-  // and l [G] per part, and whether this pass merges them.
+  // Split work (decode split over the context, backward parts): parts per (sequence, KV
+  // head), the decode parts' o [G][D], m [G] and l [G], and whether this pass merges them.
   int parts = 0;
   float *split_o = nullptr, *split_m = nullptr, *split_l = nullptr;
   bool merge = false;

@@ -7,6 +7,11 @@
 // each chunk the query block touches, then the context in blocks of kKeyBlock. Scores use an
 // online softmax (no T x S matrix); everything is accumulated in Acc (float, or double for
 // double inputs).
+//
+// Scores are computed transposed, S^T = K Q^T, with one column per query row: K is then the
+// GEMM's row operand and is read in place (float inputs: no copy of the context at all), the
+// softmax reductions run down the columns, 16 rows per vector, and P^T feeds P V and the
+// backward's P^T dO / dS^T Q / dS K as it is (the GEMM reads A transposed for free).
 #pragma once
 
 #include <algorithm>
@@ -22,12 +27,14 @@
 
 namespace memory3::cpu {
 
-// The CPU backward's own scratch (its algorithm, not the op's contract): the per-row
-// correction term and per-slot memory grads that the launcher adds into the bank rows by id
-// in a fixed order, so the result is deterministic.
+// The CPU backward's own scratch (its algorithm, not the op's contract): each work item's dQ
+// accumulator (summed over the items of one sequence and KV head by the finishing pass) and
+// the per-slot memory grads that the launcher adds into the bank rows by id in a fixed order,
+// so the result is deterministic.
 struct BackwardScratch {
-  void* delta;      // [B, Hq, T] Acc: rowsum(dout * out) - dlse
+  void* dq_parts;   // [B, Hkv, parts, RT, Dp] Acc, zero-filled (RT = rows_per_sequence)
   void* mem_slots;  // [B, C, R, 2, Hkv, M, D] Acc, or null when the bank gets no gradient
+  int parts;        // work items per (sequence, KV head): its key blocks, round robin
 };
 
 constexpr int kKeyBlock = 64;   // context keys per block
@@ -40,21 +47,27 @@ class MemoryAttentionCpu {
  public:
   static constexpr int MR = GemmTile<Acc>::MR;
   static constexpr int NR = GemmTile<Acc>::NR;
+  // Context rows are GEMM operands in place when they are already Acc (K as the row operand
+  // of S^T = K Q^T: any D; as a column operand, V and the backward's K: rows of Dp columns).
+  static constexpr bool kInPlace = std::is_same_v<T, Acc>;
 
   MemoryAttentionCpu(const MemoryAttentionParams& p, int block_q)
       : p_(p), G_(p.Hq / p.Hkv), BQ_(block_q), Dp_(round_up(p.D, NR)),
-        RQ_(round_up(block_q * (p.Hq / p.Hkv), MR)),
+        RQ_(round_up(block_q * (p.Hq / p.Hkv), NR)),
         KP_(round_up(std::max(kKeyBlock, p.R * p.M), NR)) {
     auto tile = [](std::vector<Acc>& t, size_t n) { t.assign(n, Acc(0)); };
     tile(q_, size_t(RQ_) * Dp_);
+    tile(qt_, size_t(p.D) * RQ_);
     tile(o_, size_t(RQ_) * Dp_);
     tile(s_, size_t(RQ_) * KP_);
-    tile(kt_, size_t(Dp_) * KP_);
+    tile(st_, size_t(KP_) * RQ_);
+    tile(kn_, size_t(KP_) * Dp_);
     tile(vn_, size_t(KP_) * Dp_);
-    tile(kbuf_, size_t(4) * Dp_);
     tile(zrow_, size_t(Dp_));
     m_.assign(RQ_, Acc(0));
     l_.assign(RQ_, Acc(0));
+    alpha_.assign(RQ_, Acc(0));
+    lim_.assign(RQ_, 0);
     slot_.assign(KP_, 0);
   }
 
@@ -64,27 +77,43 @@ class MemoryAttentionCpu {
   // First position of chunk c, in int64: chunk_start + c * chunk_size may pass int32 even
   // when each of them fits (the launcher checks each against int32 only).
   int64_t chunk_begin(int c) const { return p_.chunk_start + int64_t(c) * p_.chunk_size; }
+  // Backward: columns of one sequence's query rows in the per-item tiles (query blocks of
+  // RQ_ columns each, padding columns included).
+  int rows_per_sequence() const { return (p_.T + BQ_ - 1) / BQ_ * RQ_; }
 
   // ---------------------------------------------------------------- forward
   M3_ALWAYS_INLINE void forward_item(int b, int kvh, int i0) {
     const int nq = std::min(BQ_, p_.T - i0);
     const int rows = nq * G_;
     const int pbase = query_base(b) + i0;  // position of the block's first query
-    pack_query_rows(q_.data(), b, kvh, i0, nq, Acc(p_.scale));
+    pack_query_cols(qt_.data(), RQ_, b, kvh, i0, nq);
     std::fill(m_.begin(), m_.end(), -std::numeric_limits<Acc>::infinity());
     std::fill(l_.begin(), l_.end(), Acc(0));
     std::fill(o_.begin(), o_.end(), Acc(0));
     if constexpr (std::is_same_v<Acc, float>) {
       if (nq == 1) {
+        pack_query_rows(q_.data(), b, kvh, i0, nq, Acc(p_.scale));
         single_query_item(b, kvh, pbase, 0, pbase + 1, /*with_memories=*/true);
         finish_rows(b, kvh, i0, rows);
         return;
       }
     }
-    for_each_key_block(b, kvh, pbase, nq, /*transposed_v=*/false,
-                       [&](int row_lo, int n, int causal_j0) M3_LAMBDA_INLINE {
-                         online_softmax_block(row_lo, rows, pbase, n, causal_j0);
-                       });
+    // The memories of each chunk the block touches (rows of other chunks see none of them).
+    const int p_last = pbase + nq - 1;
+    for (int p = std::max({pbase, p_.chunk_start, 0}); p <= p_last;) {
+      const int c = (p - p_.chunk_start) / p_.chunk_size;
+      const int p_end = int(std::min<int64_t>(p_last, chunk_begin(c + 1) - 1));
+      const int n = pack_memory_rows(b, c, kvh);
+      if (n > 0) attend_block(kn_.data(), Dp_, vn_.data(), Dp_, n, (p - pbase) * G_, (p_end - pbase + 1) * G_, pbase, -1);
+      p = p_end + 1;
+    }
+    for (int j0 = 0; j0 <= p_last; j0 += kKeyBlock) {
+      const int n = std::min(kKeyBlock, p_last + 1 - j0);
+      const Acc *K, *V;
+      int ldk, ldv;
+      context_rows(b, kvh, j0, n, /*k_as_columns=*/false, K, ldk, V, ldv);
+      attend_block(K, ldk, V, ldv, n, std::max(0, j0 - pbase) * G_, rows, pbase, j0);
+    }
     finish_rows(b, kvh, i0, rows);
   }
 
@@ -113,6 +142,7 @@ class MemoryAttentionCpu {
     const int pos = query_base(b), L = std::max(pos + 1, 0);
     const int len = round_up((L + parts - 1) / parts, kKeyBlock);
     pack_query_rows(q_.data(), b, kvh, p_.T - 1, 1, Acc(p_.scale));
+    pack_query_cols(qt_.data(), RQ_, b, kvh, p_.T - 1, 1);
     std::fill(m_.begin(), m_.end(), -std::numeric_limits<Acc>::infinity());
     std::fill(l_.begin(), l_.end(), Acc(0));
     std::fill(o_.begin(), o_.end(), Acc(0));
@@ -142,136 +172,184 @@ class MemoryAttentionCpu {
   }
 
   // ---------------------------------------------------------------- backward
-  // Query side: dq for one (b, kvh, query block), and delta for its rows.
-  M3_ALWAYS_INLINE void backward_dq_item(const MemoryAttentionBwdParams& g, const BackwardScratch& w, int b, int kvh,
-                                         int i0) {
+  // FlashAttention-2's order: for each key block (context blocks, then each chunk's
+  // memories) of sequence b and KV head kvh that this part owns, the query blocks that see it
+  // recompute P^T from lse, and dK, dV of the block accumulate over them while dQ accumulates
+  // into the item's slice of w.dq_parts. Five GEMMs per (key block, query block), no
+  // transposes; dk/dv rows and memory slots are each written by exactly one item.
+  M3_ALWAYS_INLINE void backward_item(const MemoryAttentionBwdParams& g, const BackwardScratch& w, int b, int kvh,
+                                      int part) {
     ensure_backward_tiles();
-    const int nq = std::min(BQ_, p_.T - i0);
-    const int rows = nq * G_;
-    const int pbase = query_base(b) + i0;
-    pack_query_rows(q_.data(), b, kvh, i0, nq, Acc(p_.scale));
-    pack_backward_rows(g, w, b, kvh, i0, nq, /*compute_delta=*/true);
-    std::fill(o_.begin(), o_.end(), Acc(0));  // dQ accumulator
-    for_each_key_block(b, kvh, pbase, nq, /*transposed_v=*/true,
-                       [&](int row_lo, int n, int causal_j0) M3_LAMBDA_INLINE {
-                         const int ra = row_lo / MR * MR, np = round_up(n, NR);
-                         probabilities_and_ds(ra, row_lo, rows, pbase, n, causal_j0);
-                         // dQ += dS K: K in row layout, rebuilt from the transposed pack.
-                         transpose(kn_.data(), Dp_, kt_.data(), KP_, Dp_, np);
-                         gemm<Acc>(o_.data() + ra * Dp_, Dp_, ds_.data() + ra * KP_, KP_,
-                                   kn_.data(), Dp_, round_up(rows, MR) - ra, Dp_, np, true);
-                       });
-    for (int r = 0; r < rows; ++r) {
-      const int ii = r / G_, h = kvh * G_ + r % G_;
-      T* dq = static_cast<T*>(g.dq) + ((int64_t(b) * p_.T + i0 + ii) * p_.Hq + h) * p_.D;
-      for (int d = 0; d < p_.D; ++d) dq[d] = store_as<T>(o_[r * Dp_ + d] * Acc(p_.scale));
+    pack_backward_rows(g, b, kvh);
+    const int RT = rows_per_sequence();
+    Acc* dq = static_cast<Acc*>(w.dq_parts) + ((int64_t(b) * p_.Hkv + kvh) * w.parts + part) * RT * Dp_;
+    const int L = kv_len(b), qbase = query_base(b), nqb = (p_.T + BQ_ - 1) / BQ_;
+    for (int kb = part; kb * kKeyBlock < L; kb += w.parts) {
+      const int j0 = kb * kKeyBlock, n = std::min(kKeyBlock, L - j0);
+      const Acc *K, *V;
+      int ldk, ldv;
+      context_rows(b, kvh, j0, n, /*k_as_columns=*/true, K, ldk, V, ldv);
+      std::fill(dk_.begin(), dk_.begin() + n * Dp_, Acc(0));
+      std::fill(dv_.begin(), dv_.begin() + n * Dp_, Acc(0));
+      for (int qb = std::max(0, j0 - qbase) / BQ_; qb < nqb; ++qb) {
+        const int nq = std::min(BQ_, p_.T - qb * BQ_);
+        key_grads_block(K, ldk, V, ldv, n, qb, 0, nq * G_, qbase + qb * BQ_, j0, dq);
+      }
+      const int64_t off = ((int64_t(b) * p_.S + j0) * p_.Hkv + kvh) * p_.D;
+      for (int jj = 0; jj < n; ++jj) {
+        T* dk = static_cast<T*>(g.dk) + off + int64_t(jj) * p_.Hkv * p_.D;
+        T* dv = static_cast<T*>(g.dv) + off + int64_t(jj) * p_.Hkv * p_.D;
+        for (int d = 0; d < p_.D; ++d) {
+          dk[d] = store_as<T>(dk_[jj * Dp_ + d]);
+          dv[d] = store_as<T>(dv_[jj * Dp_ + d]);
+        }
+      }
     }
-  }
-
-  // Key side, context: dk, dv for one (b, kvh, block of kKeyBlock keys).
-  M3_ALWAYS_INLINE void backward_dkv_item(const MemoryAttentionBwdParams& g, const BackwardScratch& w, int b, int kvh,
-                                          int j0) {
-    ensure_backward_tiles();
-    const int L = kv_len(b);
-    const int n = std::min(kKeyBlock, L - j0);
-    if (n <= 0) return;
-    pack_context_keys(b, kvh, j0, n, /*transposed_v=*/true);
-    // Queries at positions >= j0 see this block.
-    const int qbase = query_base(b);
-    const int i_lo = std::max(0, j0 - qbase);
-    accumulate_key_grads(g, w, b, kvh, n, i_lo, p_.T, j0);
-    for (int jj = 0; jj < n; ++jj) {
-      const int64_t off = ((int64_t(b) * p_.S + j0 + jj) * p_.Hkv + kvh) * p_.D;
-      T* dk = static_cast<T*>(g.dk) + off;
-      T* dv = static_cast<T*>(g.dv) + off;
-      for (int d = 0; d < p_.D; ++d) {
-        dk[d] = store_as<T>(dkt_[jj * Dp_ + d]);
-        dv[d] = store_as<T>(dvt_[jj * Dp_ + d]);
+    // The memories of each chunk holding queries of b: seen by that chunk's queries only.
+    const int p_lo = std::max({qbase, 0, p_.chunk_start});
+    if (p_lo >= L) return;
+    const int c_lo = (p_lo - p_.chunk_start) / p_.chunk_size, c_hi = (L - 1 - p_.chunk_start) / p_.chunk_size;
+    for (int c = c_lo + part; c <= c_hi; c += w.parts) {
+      const int lo = int(std::max<int64_t>(chunk_begin(c), p_lo)) - qbase;  // query indices [lo, hi)
+      const int hi = int(std::min<int64_t>(chunk_begin(c + 1), L)) - qbase;
+      const int n = pack_memory_rows(b, c, kvh);
+      if (n == 0) continue;
+      std::fill(dk_.begin(), dk_.begin() + n * Dp_, Acc(0));
+      std::fill(dv_.begin(), dv_.begin() + n * Dp_, Acc(0));
+      for (int qb = lo / BQ_; qb * BQ_ < hi; ++qb) {
+        const int i0 = qb * BQ_;
+        const int row_lo = (std::max(lo, i0) - i0) * G_, row_end = (std::min(hi, i0 + BQ_) - i0) * G_;
+        key_grads_block(kn_.data(), Dp_, vn_.data(), Dp_, n, qb, row_lo, row_end, qbase + i0, -1, dq);
+      }
+      if (!w.mem_slots) continue;
+      Acc* slots = static_cast<Acc*>(w.mem_slots);
+      const int64_t slot_elems = int64_t(p_.M) * p_.D;
+      for (int jj = 0; jj < n; ++jj) {
+        const int r = slot_[jj] / p_.M, t = slot_[jj] % p_.M;
+        for (int kv = 0; kv < 2; ++kv) {  // [B, C, R, 2, Hkv, M, D]
+          Acc* dst = slots + ((((int64_t(b) * p_.C + c) * p_.R + r) * 2 + kv) * p_.Hkv + kvh) * slot_elems +
+                     int64_t(t) * p_.D;
+          const Acc* src = (kv == 0 ? dk_ : dv_).data() + jj * Dp_;
+          std::copy(src, src + p_.D, dst);
+        }
       }
     }
   }
 
-  // Key side, memories: the grads of the memories of chunk c of sequence b, per slot, into
-  // w.mem_slots (the launcher adds slots into the bank rows by id, in a fixed order).
-  M3_ALWAYS_INLINE void backward_mem_item(const MemoryAttentionBwdParams& g, const BackwardScratch& w, int b, int c,
-                                          int kvh) {
-    ensure_backward_tiles();
-    const int qbase = query_base(b);
-    const int64_t lo = std::max<int64_t>(chunk_begin(c), std::max(qbase, 0));
-    const int64_t hi = std::min<int64_t>(chunk_begin(c + 1), kv_len(b));
-    if (lo >= hi) return;
-    const int p_lo = int(lo), p_hi = int(hi);  // within [0, kv_len] now
-    Acc* slots = static_cast<Acc*>(w.mem_slots);
-    const int64_t slot_elems = int64_t(p_.M) * p_.D;
-    auto slot_ptr = [&](int r, int kv) {  // [B, C, R, 2, Hkv, M, D]
-      return slots + ((((int64_t(b) * p_.C + c) * p_.R + r) * 2 + kv) * p_.Hkv + kvh) * slot_elems;
-    };
-    const int n = pack_memory_keys(b, c, kvh, /*transposed_v=*/true);
-    if (n == 0) return;
-    accumulate_key_grads(g, w, b, kvh, n, p_lo - qbase, p_hi - qbase, /*causal_j0=*/-1);
-    for (int jj = 0; jj < n; ++jj) {
-      const int r = slot_[jj] / p_.M, t = slot_[jj] % p_.M;
-      Acc* dk = slot_ptr(r, 0) + int64_t(t) * p_.D;
-      Acc* dv = slot_ptr(r, 1) + int64_t(t) * p_.D;
-      for (int d = 0; d < p_.D; ++d) {
-        dk[d] = dkt_[jj * Dp_ + d];
-        dv[d] = dvt_[jj * Dp_ + d];
+  // dq of (b, kvh): the parts' accumulators summed, times the softmax scale.
+  M3_ALWAYS_INLINE void backward_finish_dq(const MemoryAttentionBwdParams& g, const BackwardScratch& w, int b,
+                                           int kvh) {
+    const int RT = rows_per_sequence();
+    const Acc* parts = static_cast<const Acc*>(w.dq_parts) + (int64_t(b) * p_.Hkv + kvh) * w.parts * RT * Dp_;
+    for (int i = 0; i < p_.T; ++i)
+      for (int gh = 0; gh < G_; ++gh) {
+        const int64_t r = int64_t(i / BQ_) * RQ_ + (i % BQ_) * G_ + gh;
+        T* dq = static_cast<T*>(g.dq) + ((int64_t(b) * p_.T + i) * p_.Hq + kvh * G_ + gh) * p_.D;
+        for (int d = 0; d < p_.D; ++d) {
+          Acc sum = 0;
+          for (int s = 0; s < w.parts; ++s) sum += parts[(int64_t(s) * RT + r) * Dp_ + d];
+          dq[d] = store_as<T>(sum * Acc(p_.scale));
+        }
       }
-    }
   }
 
  private:
-  // Calls f(row_lo, n, causal_j0) for every block of keys the query block sees, with the block
-  // packed in kt_ (transposed) and vn_ or vt_: first the memories of each chunk the block
-  // touches (rows from row_lo on are in that chunk or later ones; rows past the chunk are
-  // masked through row_hi_), then the context.
-  template <typename F>
-  M3_ALWAYS_INLINE void for_each_key_block(int b, int kvh, int pbase, int nq, bool transposed_v, F&& f) {
-    const int p_last = pbase + nq - 1;
-    for (int p = std::max({pbase, p_.chunk_start, 0}); p <= p_last;) {
-      const int c = (p - p_.chunk_start) / p_.chunk_size;
-      const int p_end = int(std::min<int64_t>(p_last, chunk_begin(c + 1) - 1));
-      const int n = pack_memory_keys(b, c, kvh, transposed_v);
-      if (n > 0) {
-        row_hi_ = (p_end - pbase + 1) * G_;
-        f((p - pbase) * G_, n, -1);
+  // ---------------------------------------------------------------- forward blocks
+  // Keys [0, n) as rows of K (leading dim ldk) and V (ldv), for query rows [row_lo, row_end):
+  // S^T = K Q^T, the online softmax down each column, O += P V.
+  M3_ALWAYS_INLINE void attend_block(const Acc* K, int ldk, const Acc* V, int ldv, int n, int row_lo, int row_end,
+                                     int pbase, int causal_j0) {
+    const int ca = row_lo / NR * NR, cb = round_up(row_end, NR);
+    gemm<Acc>(st_.data() + ca, RQ_, K, ldk, 1, qt_.data() + ca, RQ_, n, cb - ca, p_.D, false);
+    set_limits(ca, cb, row_lo, row_end, pbase, n, causal_j0);
+    online_softmax_columns(ca, cb, n);
+    for (int r = ca; r < cb; ++r)
+      if (alpha_[r] != Acc(1)) {
+        Acc* o = o_.data() + r * Dp_;
+        for (int d = 0; d < Dp_; ++d) o[d] *= alpha_[r];
       }
-      p = p_end + 1;
+    gemm<Acc>(o_.data() + ca * Dp_, Dp_, st_.data() + ca, 1, RQ_, V, ldv, cb - ca, Dp_, n, true);
+  }
+
+  // lim_[r] for r in [ca, cb): how many of the block's keys row r sees (0 outside [lo, hi)).
+  M3_ALWAYS_INLINE void set_limits(int ca, int cb, int lo, int hi, int pbase, int n, int causal_j0) {
+    for (int r = ca; r < cb; ++r) {
+      if (r < lo || r >= hi) lim_[r] = 0;
+      else if (causal_j0 < 0) lim_[r] = n;
+      else lim_[r] = std::max(0, std::min(n, pbase + r / G_ - causal_j0 + 1));
     }
-    row_hi_ = nq * G_;
-    for (int j0 = 0; j0 <= p_last; j0 += kKeyBlock) {
-      const int n = std::min(kKeyBlock, p_last + 1 - j0);
-      pack_context_keys(b, kvh, j0, n, transposed_v);
-      f(std::max(0, j0 - pbase) * G_, n, j0);
+  }
+
+  // st_ columns [ca, cb), keys [0, n): scores in, probabilities out; m_, l_ updated and
+  // alpha_ = the factor the rows' O must be scaled by.
+  M3_ALWAYS_INLINE void online_softmax_columns(int ca, int cb, int n) {
+    constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
+    if constexpr (std::is_same_v<Acc, float>) {
+      for (int c = ca; c < cb; c += kVecF) {
+        VecI lim;
+        std::memcpy(&lim, lim_.data() + c, sizeof(lim));
+        // Masked keys become -inf (exp gives 0). Each select takes its mask from the compare
+        // right there: GCC scalarizes a select on a combined or carried mask in the clones.
+        const VecF neg_inf = VecF{} + kNegInf;
+        VecF mx = neg_inf;
+        for (int j = 0; j < n; ++j) {
+          float* sp = st_.data() + j * RQ_ + c;
+          VecF s = load_vec(sp);
+          s = (VecI{} + j) < lim ? s : neg_inf;
+          store_vec(sp, s);
+          mx = s > mx ? s : mx;
+        }
+        const VecF m_old = load_vec(m_.data() + c);
+        const VecF m_new = mx > m_old ? mx : m_old;
+        const VecF shift = m_new == kNegInf ? VecF{} : m_new;  // no key seen yet: keep 0s
+        const VecF alpha = exp_nonpositive(m_old - shift);
+        VecF sum{};
+        for (int j = 0; j < n; ++j) {
+          float* sp = st_.data() + j * RQ_ + c;
+          const VecF p = exp_nonpositive(load_vec(sp) - shift);
+          store_vec(sp, p);
+          sum += p;
+        }
+        store_vec(l_.data() + c, load_vec(l_.data() + c) * alpha + sum);
+        store_vec(m_.data() + c, m_new);
+        store_vec(alpha_.data() + c, alpha);
+      }
+    } else {
+      for (int c = ca; c < cb; ++c) {
+        Acc mx = kNegInf;
+        for (int j = 0; j < lim_[c]; ++j) mx = std::max(mx, st_[j * RQ_ + c]);
+        const Acc m_new = std::max(m_[c], mx), shift = m_new == kNegInf ? Acc(0) : m_new;
+        Acc sum = 0;
+        for (int j = 0; j < n; ++j) {
+          Acc& s = st_[j * RQ_ + c];
+          s = j < lim_[c] ? std::exp(s - shift) : Acc(0);
+          sum += s;
+        }
+        alpha_[c] = std::exp(m_[c] - shift);
+        l_[c] = l_[c] * alpha_[c] + sum;
+        m_[c] = m_new;
+      }
     }
   }
 
   // One query (decode): the G rows of its GQA group against the memories of its chunk
-  // (packed, as in for_each_key_block) and then the context keys [j_lo, j_hi) read in place,
-  // row by row, so no context key is transposed or copied (the decode cost is the read of K
-  // and V).
+  // (as in forward_item) and then the context keys [j_lo, j_hi): float rows read in place,
+  // others converted a block at a time; scores of 4 rows x 4 keys are 16 dot products
+  // folded by one shuffle tree (the decode cost is the read of K and V).
   M3_ALWAYS_INLINE void single_query_item(int b, int kvh, int pos, int j_lo, int j_hi, bool with_memories) {
     const int rows = G_;
     if (with_memories && pos >= std::max(p_.chunk_start, 0)) {
-      const int n = pack_memory_keys(b, (pos - p_.chunk_start) / p_.chunk_size, kvh, /*transposed_v=*/false);
-      if (n > 0) {
-        row_hi_ = rows;
-        online_softmax_block(0, rows, pos, n, -1);
-      }
+      const int n = pack_memory_rows(b, (pos - p_.chunk_start) / p_.chunk_size, kvh);
+      if (n > 0) attend_block(kn_.data(), Dp_, vn_.data(), Dp_, n, 0, rows, pos, -1);
     }
-    const T* k = static_cast<const T*>(p_.k) + b * p_.k_stride_b + kvh * p_.k_stride_h;
-    const T* v = static_cast<const T*>(p_.v) + b * p_.v_stride_b + kvh * p_.v_stride_h;
     for (int j0 = j_lo; j0 < j_hi; j0 += kKeyBlock) {
       const int n = std::min(kKeyBlock, j_hi - j0), np = round_up(n, NR);
-      for (int jj = 0; jj < n; ++jj)  // the next block's rows: too far apart for the prefetcher
-        if (j0 + kKeyBlock + jj < j_hi) {
-          prefetch_row(k + (j0 + kKeyBlock + jj) * p_.k_stride_s);
-          prefetch_row(v + (j0 + kKeyBlock + jj) * p_.v_stride_s);
-        }
+      const Acc *K, *V;  // rows of Dp_ floats: in place (float, D = Dp) or converted as a block
+      int ldk, ldv;
+      context_rows(b, kvh, j0, n, /*k_as_columns=*/true, K, ldk, V, ldv);
       for (int jj = 0; jj < np; jj += 4) {
         const float* kr[4];
-        for (int x = 0; x < 4; ++x)
-          kr[x] = jj + x < n ? float_row(k + (j0 + jj + x) * p_.k_stride_s, kbuf_.data() + x * Dp_) : zrow_.data();
+        for (int x = 0; x < 4; ++x) kr[x] = jj + x < n ? K + (jj + x) * ldk : zrow_.data();
         for (int r0 = 0; r0 < rows; r0 += 4) {  // q_ rows past `rows` are zero
           VecF acc[16] = {};  // lane group r * 4 + x: row r0 + r, key jj + x
           for (int d = 0; d < Dp_; d += kVecF) {
@@ -297,107 +375,95 @@ class MemoryAttentionCpu {
           for (int d = 0; d < Dp_; ++d) o[d] *= alpha;
         }
       }
-      for (int jj = 0; jj < n; ++jj) {  // O += P V, V rows in place
-        const float* vr = float_row(v + (j0 + jj) * p_.v_stride_s, kbuf_.data());
-        for (int r = 0; r < rows; ++r) {
-          const float pr = s_[r * KP_ + jj];
-          float* o = o_.data() + r * Dp_;
-          for (int d = 0; d < Dp_; d += kVecF) store_vec(o + d, load_vec(o + d) + pr * load_vec(vr + d));
+      // O += P V: the GEMM keeps O's rows in registers across the block's keys.
+      gemm<Acc>(o_.data(), Dp_, s_.data(), KP_, 1, V, ldv, rows, Dp_, n, true);
+    }
+  }
+
+  // ---------------------------------------------------------------- backward blocks
+  // Keys [0, n) (rows of K, V) against the rows [row_lo, row_end) of query block qb: P^T and
+  // dS^T recomputed, dV += P^T dO, dK += dS^T (scale Q), dQ += dS K (scaled at the end).
+  M3_ALWAYS_INLINE void key_grads_block(const Acc* K, int ldk, const Acc* V, int ldv, int n, int qb, int row_lo,
+                                        int row_end, int pbase, int causal_j0, Acc* dq) {
+    const int RT = rows_per_sequence();
+    const int ca = row_lo / NR * NR, cb = round_up(row_end, NR), c0 = qb * RQ_ + ca, w = cb - ca;
+    gemm<Acc>(st_.data() + ca, RQ_, K, ldk, 1, bqt_.data() + c0, RT, n, w, p_.D, false);
+    gemm<Acc>(dpt_.data() + ca, RQ_, V, ldv, 1, bdot_.data() + c0, RT, n, w, p_.D, false);
+    set_limits(ca, cb, row_lo, row_end, pbase, n, causal_j0);
+    probabilities_and_ds_columns(ca, cb, n, qb * RQ_);
+    gemm<Acc>(dv_.data(), Dp_, st_.data() + ca, RQ_, 1, bdo_.data() + int64_t(c0) * Dp_, Dp_, n, Dp_, w, true);
+    gemm<Acc>(dk_.data(), Dp_, dpt_.data() + ca, RQ_, 1, bq_.data() + int64_t(c0) * Dp_, Dp_, n, Dp_, w, true);
+    gemm<Acc>(dq + int64_t(c0) * Dp_, Dp_, dpt_.data() + ca, 1, RQ_, K, ldk, w, Dp_, n, true);
+  }
+
+  // P^T = exp(S^T - lse) and dS^T = P^T (dP^T - delta) in place over st_ / dpt_, columns
+  // [ca, cb) of the query block whose tiles start at column c0.
+  M3_ALWAYS_INLINE void probabilities_and_ds_columns(int ca, int cb, int n, int c0) {
+    if constexpr (std::is_same_v<Acc, float>) {
+      for (int c = ca; c < cb; c += kVecF) {
+        VecI lim;
+        std::memcpy(&lim, lim_.data() + c, sizeof(lim));
+        const VecF lse = load_vec(blse_.data() + c0 + c), delta = load_vec(bdelta_.data() + c0 + c);
+        const VecF neg_inf = VecF{} - std::numeric_limits<float>::infinity();
+        for (int j = 0; j < n; ++j) {
+          float *sp = st_.data() + j * RQ_ + c, *dp = dpt_.data() + j * RQ_ + c;
+          VecF s = load_vec(sp);
+          s = (VecI{} + j) < lim ? s : neg_inf;  // masked: exp(-inf) = 0 (see above on selects)
+          const VecF p = exp_nonpositive(s - lse);
+          store_vec(sp, p);
+          store_vec(dp, p * (load_vec(dp) - delta));
         }
       }
+    } else {
+      for (int c = ca; c < cb; ++c)
+        for (int j = 0; j < n; ++j) {
+          Acc &s = st_[j * RQ_ + c], &dp = dpt_[j * RQ_ + c];
+          s = j < lim_[c] ? std::exp(s - blse_[c0 + c]) : Acc(0);
+          dp = s * (dp - bdelta_[c0 + c]);
+        }
     }
   }
 
-  // A context row as Dp_ floats: in place when it already is, else converted into buf
-  // (whose padding [D, Dp) stays zero).
-  M3_ALWAYS_INLINE const float* float_row(const T* src, float* buf) {
-    if constexpr (std::is_same_v<T, float>)
-      if (p_.D == Dp_) return src;
-    for (int d = 0; d < p_.D; ++d) buf[d] = load_as<float>(src[d]);
-    return buf;
-  }
-
-  // Number of keys of a block that query row r sees: all n, or up to its position.
-  M3_ALWAYS_INLINE int visible_keys(int r, int pbase, int n, int causal_j0) const {
-    if (causal_j0 < 0) return n;
-    return std::max(0, std::min(n, pbase + r / G_ - causal_j0 + 1));
-  }
-
-  // Forward: S = Q K^T for rows [row_lo, row_hi_), online softmax, O += P V.
-  M3_ALWAYS_INLINE void online_softmax_block(int row_lo, int rows, int pbase, int n, int causal_j0) {
-    const int ra = row_lo / MR * MR, rb = round_up(std::min(rows, row_hi_), MR);
-    const int np = round_up(n, NR);
-    gemm<Acc>(s_.data() + ra * KP_, KP_, q_.data() + ra * Dp_, Dp_, kt_.data(), KP_, rb - ra, np, Dp_, false);
-    const int row_end = std::min(rows, row_hi_);
-    for (int r = ra; r < rb; ++r) {
-      Acc* s = s_.data() + r * KP_;  // scores in, probabilities out
-      const int lim = (r >= row_lo && r < row_end) ? visible_keys(r, pbase, n, causal_j0) : 0;
-      if (lim == 0) {
-        std::fill(s, s + np, Acc(0));
-        continue;
+  // Every query row of (b, kvh), in query blocks of RQ_ columns: Q^T and Q (scaled), dO^T and
+  // dO, lse and delta = rowsum(dO * O) - dlse. Padding rows: zero, lse = +inf (P = 0).
+  M3_ALWAYS_INLINE void pack_backward_rows(const MemoryAttentionBwdParams& g, int b, int kvh) {
+    const int RT = rows_per_sequence();
+    const T* q = static_cast<const T*>(p_.q);
+    const T* dout = static_cast<const T*>(g.dout);
+    const T* out = static_cast<const T*>(g.out);
+    std::fill(bq_.begin(), bq_.end(), Acc(0));
+    std::fill(bdo_.begin(), bdo_.end(), Acc(0));
+    std::fill(blse_.begin(), blse_.end(), std::numeric_limits<Acc>::infinity());
+    std::fill(bdelta_.begin(), bdelta_.end(), Acc(0));
+    for (int i = 0; i < p_.T; ++i)
+      for (int gh = 0; gh < G_; ++gh) {
+        const int r = i / BQ_ * RQ_ + i % BQ_ * G_ + gh, h = kvh * G_ + gh;
+        const int64_t row = (int64_t(b) * p_.T + i) * p_.Hq + h;
+        const int64_t stat = (int64_t(b) * p_.Hq + h) * p_.T + i;
+        pack_row(bq_.data() + int64_t(r) * Dp_, q + b * p_.q_stride_b + i * p_.q_stride_t + h * p_.q_stride_h,
+                 Acc(p_.scale));
+        pack_row(bdo_.data() + int64_t(r) * Dp_, dout + row * p_.D, Acc(1));
+        const float lse = p_.lse[stat];
+        // A query that saw no key has lse = -inf and gets no gradient.
+        blse_[r] = std::isinf(lse) && lse < 0 ? std::numeric_limits<Acc>::infinity() : Acc(lse);
+        Acc dot = 0;
+        for (int d = 0; d < p_.D; ++d) dot += bdo_[int64_t(r) * Dp_ + d] * load_as<Acc>(out[row * p_.D + d]);
+        bdelta_[r] = dot - (g.dlse ? Acc(g.dlse[stat]) : Acc(0));
       }
-      mask_tail(s, lim, np);
-      const Acc m_new = std::max(m_[r], row_max(s, np));
-      const Acc alpha = std::exp(m_[r] - m_new);  // 0 on the first block (m = -inf)
-      l_[r] = l_[r] * alpha + row_exp_sum(s, np, m_new);
-      m_[r] = m_new;
-      if (alpha != Acc(1)) {
-        Acc* o = o_.data() + r * Dp_;
-        for (int d = 0; d < Dp_; ++d) o[d] *= alpha;
-      }
-    }
-    gemm<Acc>(o_.data() + ra * Dp_, Dp_, s_.data() + ra * KP_, KP_, vn_.data(), Dp_, rb - ra, Dp_, np, true);
+    transpose(bqt_.data(), RT, bq_.data(), Dp_, RT, p_.D);
+    transpose(bdot_.data(), RT, bdo_.data(), Dp_, RT, p_.D);
   }
 
-  // Backward: P = exp(S - lse) and dS = P (dP - delta) into s_ / ds_ for rows [ra, rows).
-  M3_ALWAYS_INLINE void probabilities_and_ds(int ra, int row_lo, int rows, int pbase, int n, int causal_j0) {
-    const int rb = round_up(std::min(rows, row_hi_), MR), np = round_up(n, NR);
-    gemm<Acc>(s_.data() + ra * KP_, KP_, q_.data() + ra * Dp_, Dp_, kt_.data(), KP_, rb - ra, np, Dp_, false);
-    gemm<Acc>(ds_.data() + ra * KP_, KP_, dout_.data() + ra * Dp_, Dp_, vt_.data(), KP_, rb - ra, np, Dp_, false);
-    const int row_end = std::min(rows, row_hi_);
-    for (int r = ra; r < round_up(rows, MR); ++r) {
-      Acc* s = s_.data() + r * KP_;
-      Acc* ds = ds_.data() + r * KP_;
-      const int lim = (r >= row_lo && r < row_end) ? visible_keys(r, pbase, n, causal_j0) : 0;
-      if (lim == 0) {
-        std::fill(s, s + np, Acc(0));
-        std::fill(ds, ds + np, Acc(0));
-        continue;
-      }
-      mask_tail(s, lim, np);
-      row_probs_and_ds(s, ds, np, lse_[r], delta_[r]);
-    }
-  }
-
-  // Key side: for the n packed keys, dV += P^T dO and dK += dS^T (scale Q) over the queries
-  // [i_lo, i_hi) of sequence b, in query blocks. Results in dvt_ / dkt_ ([n][Dp]).
-  M3_ALWAYS_INLINE void accumulate_key_grads(const MemoryAttentionBwdParams& g, const BackwardScratch& w, int b,
-                                             int kvh, int n, int i_lo, int i_hi, int causal_j0) {
-    const int np = round_up(n, NR);
-    std::fill(dkt_.begin(), dkt_.end(), Acc(0));
-    std::fill(dvt_.begin(), dvt_.end(), Acc(0));
-    for (int i0 = i_lo; i0 < i_hi; i0 += BQ_) {
-      const int nq = std::min(BQ_, i_hi - i0);
-      const int rows = nq * G_, rq = round_up(rows, MR);
-      const int pbase = query_base(b) + i0;
-      pack_query_rows(q_.data(), b, kvh, i0, nq, Acc(p_.scale));
-      pack_backward_rows(g, w, b, kvh, i0, nq, /*compute_delta=*/false);
-      row_hi_ = rows;
-      probabilities_and_ds(0, 0, rows, pbase, n, causal_j0);
-      transpose(pt_.data(), RQ_, s_.data(), KP_, rq, np);  // P^T  [np][rq]
-      transpose(dst_.data(), RQ_, ds_.data(), KP_, rq, np);  // dS^T [np][rq]
-      gemm<Acc>(dvt_.data(), Dp_, pt_.data(), RQ_, dout_.data(), Dp_, np, Dp_, rq, true);
-      gemm<Acc>(dkt_.data(), Dp_, dst_.data(), RQ_, q_.data(), Dp_, np, Dp_, rq, true);
-    }
-  }
-
-  // dst[c][r] = src[r][c] for r < rows, c < cols.
+  // dst[c][r] = src[r][c] for r < rows, c < cols, 16 rows at a time: the stores of one
+  // column stay in one cache line (a plain loop strides the stores by ldd, which thrashed).
   static M3_ALWAYS_INLINE void transpose(Acc* dst, int ldd, const Acc* src, int lds, int rows, int cols) {
-    for (int r = 0; r < rows; ++r)
-      for (int c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+    for (int r0 = 0; r0 < rows; r0 += 16)
+      for (int c = 0; c < cols; ++c)
+        for (int r = r0; r < std::min(rows, r0 + 16); ++r) dst[int64_t(c) * ldd + r] = src[int64_t(r) * lds + c];
   }
 
-  // Rows of the query block: q (times mul) into dst, padding rows zero.
+  // ---------------------------------------------------------------- packing
+  // Rows of the query block: q (times mul) into dst [RQ_ x Dp_], padding rows zero.
   M3_ALWAYS_INLINE void pack_query_rows(Acc* dst, int b, int kvh, int i0, int nq, Acc mul) {
     const T* q = static_cast<const T*>(p_.q);
     for (int ii = 0; ii < nq; ++ii)
@@ -407,52 +473,44 @@ class MemoryAttentionCpu {
     std::fill(dst + nq * G_ * Dp_, dst + RQ_ * Dp_, Acc(0));
   }
 
-  // dO rows, lse rows and delta rows of the query block (delta computed and stored, or read).
-  M3_ALWAYS_INLINE void pack_backward_rows(const MemoryAttentionBwdParams& g, const BackwardScratch& w, int b,
-                                           int kvh, int i0, int nq, bool compute_delta) {
-    const T* dout = static_cast<const T*>(g.dout);
-    const T* out = static_cast<const T*>(g.out);
-    Acc* delta = static_cast<Acc*>(w.delta);
-    for (int r = 0; r < RQ_; ++r) {
-      if (r >= nq * G_) {
-        std::fill(dout_.data() + r * Dp_, dout_.data() + (r + 1) * Dp_, Acc(0));
-        lse_[r] = std::numeric_limits<Acc>::infinity();  // exp(S - inf) = 0
-        delta_[r] = 0;
-        continue;
-      }
-      const int ii = r / G_, h = kvh * G_ + r % G_;
-      const int64_t row = (int64_t(b) * p_.T + i0 + ii) * p_.Hq + h;
-      const int64_t stat = (int64_t(b) * p_.Hq + h) * p_.T + i0 + ii;
-      pack_row(dout_.data() + r * Dp_, dout + row * p_.D, Acc(1));
-      const float lse = p_.lse[stat];
-      // A query that saw no key has lse = -inf and gets no gradient.
-      lse_[r] = std::isinf(lse) && lse < 0 ? std::numeric_limits<Acc>::infinity() : Acc(lse);
-      if (compute_delta) {
-        Acc dot = 0;
-        for (int d = 0; d < p_.D; ++d) dot += dout_[r * Dp_ + d] * load_as<Acc>(out[row * p_.D + d]);
-        delta[stat] = dot - (g.dlse ? Acc(g.dlse[stat]) : Acc(0));
-      }
-      delta_[r] = delta[stat];
+  // The query block transposed and scaled: dst[d * ld + r] = scale * q(row r)[d], padding
+  // columns zero.
+  M3_ALWAYS_INLINE void pack_query_cols(Acc* dst, int ld, int b, int kvh, int i0, int nq) {
+    const T* q = static_cast<const T*>(p_.q);
+    const Acc scale = Acc(p_.scale);
+    const int rows = nq * G_;
+    for (int r = 0; r < rows; ++r) {
+      const T* src = q + b * p_.q_stride_b + (i0 + r / G_) * p_.q_stride_t + (kvh * G_ + r % G_) * p_.q_stride_h;
+      for (int d = 0; d < p_.D; ++d) dst[d * ld + r] = load_as<Acc>(src[d]) * scale;
     }
+    for (int d = 0; d < p_.D; ++d) std::fill(dst + d * ld + rows, dst + d * ld + RQ_, Acc(0));
   }
 
-  // Context keys j0..j0+n-1 of (b, kvh): K transposed into kt_; V into vn_ (row layout) or
-  // vt_ (transposed). Padding columns/rows are zeroed so they add nothing.
-  M3_ALWAYS_INLINE void pack_context_keys(int b, int kvh, int j0, int n, bool transposed_v) {
-    const T* k = static_cast<const T*>(p_.k) + b * p_.k_stride_b + kvh * p_.k_stride_h;
-    const T* v = static_cast<const T*>(p_.v) + b * p_.v_stride_b + kvh * p_.v_stride_h;
-    // Rows of one head are Hkv * D elements apart, too far for the hardware prefetcher to
-    // follow: fetch the next block's rows while this one is packed.
-    const int next = j0 + kKeyBlock;
-    for (int jj = 0; jj < n; ++jj) {
-      if (next + jj < p_.S) {
-        prefetch_row(k + (next + jj) * p_.k_stride_s);
-        prefetch_row(v + (next + jj) * p_.v_stride_s);
-      }
-      pack_col(kt_.data() + jj, k + (j0 + jj) * p_.k_stride_s, Acc(1));
-      pack_value(jj, v + (j0 + jj) * p_.v_stride_s, Acc(1), transposed_v);
+  // Context keys [j0, j0 + n) of (b, kvh) as GEMM operands: rows of K and V in place when
+  // they are Acc already (V, and K as a column operand, need rows of Dp_ columns), else
+  // converted into kn_ / vn_. The next block's rows are prefetched: rows of one head are
+  // Hkv * D elements apart, too far for the hardware prefetcher to follow.
+  M3_ALWAYS_INLINE void context_rows(int b, int kvh, int j0, int n, bool k_as_columns, const Acc*& K, int& ldk,
+                                     const Acc*& V, int& ldv) {
+    const T* k = static_cast<const T*>(p_.k) + b * p_.k_stride_b + kvh * p_.k_stride_h + j0 * p_.k_stride_s;
+    const T* v = static_cast<const T*>(p_.v) + b * p_.v_stride_b + kvh * p_.v_stride_h + j0 * p_.v_stride_s;
+    for (int jj = kKeyBlock; jj < kKeyBlock + n && j0 + jj < p_.S; ++jj) {
+      prefetch_row(k + jj * p_.k_stride_s);
+      prefetch_row(v + jj * p_.v_stride_s);
     }
-    zero_key_padding(n, transposed_v);
+    const bool k_in_place = kInPlace && (!k_as_columns || p_.D == Dp_), v_in_place = kInPlace && p_.D == Dp_;
+    if constexpr (kInPlace) {
+      if (k_in_place) K = reinterpret_cast<const Acc*>(k), ldk = int(p_.k_stride_s);
+      if (v_in_place) V = reinterpret_cast<const Acc*>(v), ldv = int(p_.v_stride_s);
+    }
+    if (!k_in_place) {
+      for (int jj = 0; jj < n; ++jj) pack_row(kn_.data() + jj * Dp_, k + jj * p_.k_stride_s, Acc(1));
+      K = kn_.data(), ldk = Dp_;
+    }
+    if (!v_in_place) {
+      for (int jj = 0; jj < n; ++jj) pack_row(vn_.data() + jj * Dp_, v + jj * p_.v_stride_s, Acc(1));
+      V = vn_.data(), ldv = Dp_;
+    }
   }
 
   M3_ALWAYS_INLINE void prefetch_row(const T* row) const {
@@ -460,9 +518,9 @@ class MemoryAttentionCpu {
     for (int off = 0; off < p_.D * int(sizeof(T)); off += 64) __builtin_prefetch(bytes + off);
   }
 
-  // The memories of chunk c of sequence b, read by id from the bank (int8 dequantized);
-  // empty slots are skipped. Returns the number of keys packed; slot_[j] = r * M + t.
-  M3_ALWAYS_INLINE int pack_memory_keys(int b, int c, int kvh, bool transposed_v) {
+  // The memories of chunk c of sequence b as rows of kn_ / vn_, read by id from the bank
+  // (int8 dequantized); empty slots are skipped. Returns the number of keys; slot_[j] = r * M + t.
+  M3_ALWAYS_INLINE int pack_memory_rows(int b, int c, int kvh) {
     const MT* mk = static_cast<const MT*>(p_.mem_k);
     const MT* mv = static_cast<const MT*>(p_.mem_v);
     const int32_t* ids = p_.mem_ids + (int64_t(b) * p_.C + c) * p_.R;
@@ -474,12 +532,11 @@ class MemoryAttentionCpu {
         const int64_t srow = (id * p_.Hkv + kvh) * p_.M + t;
         const Acc ks = p_.mem_k_scale ? Acc(p_.mem_k_scale[srow]) : Acc(1);
         const Acc vs = p_.mem_v_scale ? Acc(p_.mem_v_scale[srow]) : Acc(1);
-        pack_col(kt_.data() + n, mk + id * p_.mk_stride_n + kvh * p_.mk_stride_h + t * p_.mk_stride_m, ks);
-        pack_value(n, mv + id * p_.mv_stride_n + kvh * p_.mv_stride_h + t * p_.mv_stride_m, vs, transposed_v);
+        pack_row(kn_.data() + n * Dp_, mk + id * p_.mk_stride_n + kvh * p_.mk_stride_h + t * p_.mk_stride_m, ks);
+        pack_row(vn_.data() + n * Dp_, mv + id * p_.mv_stride_n + kvh * p_.mv_stride_h + t * p_.mv_stride_m, vs);
         slot_[n] = r * p_.M + t;
       }
     }
-    zero_key_padding(n, transposed_v);
     return n;
   }
 
@@ -487,50 +544,39 @@ class MemoryAttentionCpu {
   M3_ALWAYS_INLINE void pack_row(Acc* dst, const Src* src, Acc mul) {
     for (int d = 0; d < p_.D; ++d) dst[d] = load_as<Acc>(src[d]) * mul;  // pad [D, Dp) stays 0
   }
-  template <typename Src>
-  M3_ALWAYS_INLINE void pack_col(Acc* dst, const Src* src, Acc mul) {
-    for (int d = 0; d < p_.D; ++d) dst[d * KP_] = load_as<Acc>(src[d]) * mul;
-  }
-  template <typename Src>
-  M3_ALWAYS_INLINE void pack_value(int j, const Src* src, Acc mul, bool transposed) {
-    if (transposed) pack_col(vt_.data() + j, src, mul);
-    else pack_row(vn_.data() + j * Dp_, src, mul);
-  }
-  M3_ALWAYS_INLINE void zero_key_padding(int n, bool transposed_v) {
-    const int np = round_up(n, NR);
-    for (int d = 0; d < p_.D; ++d) {
-      std::fill(kt_.data() + d * KP_ + n, kt_.data() + d * KP_ + np, Acc(0));
-      if (transposed_v) std::fill(vt_.data() + d * KP_ + n, vt_.data() + d * KP_ + np, Acc(0));
-    }
-    if (!transposed_v) std::fill(vn_.data() + n * Dp_, vn_.data() + np * Dp_, Acc(0));
-  }
 
   void ensure_backward_tiles() {
-    if (!ds_.empty()) return;
+    if (!bq_.empty()) return;
+    const size_t RT = size_t(rows_per_sequence());
     auto tile = [](std::vector<Acc>& t, size_t n) { t.assign(n, Acc(0)); };
-    tile(ds_, size_t(RQ_) * KP_);
-    tile(vt_, size_t(Dp_) * KP_);
-    tile(kn_, size_t(KP_) * Dp_);
-    tile(dout_, size_t(RQ_) * Dp_);
-    tile(pt_, size_t(KP_) * RQ_);
-    tile(dst_, size_t(KP_) * RQ_);
-    tile(dkt_, size_t(KP_) * Dp_);
-    tile(dvt_, size_t(KP_) * Dp_);
-    lse_.assign(RQ_, Acc(0));
-    delta_.assign(RQ_, Acc(0));
+    tile(bq_, RT * Dp_);
+    tile(bdo_, RT * Dp_);
+    tile(bqt_, RT * p_.D);
+    tile(bdot_, RT * p_.D);
+    tile(blse_, RT);
+    tile(bdelta_, RT);
+    tile(dpt_, size_t(KP_) * RQ_);
+    tile(dk_, size_t(KP_) * Dp_);
+    tile(dv_, size_t(KP_) * Dp_);
   }
 
  private:
   const MemoryAttentionParams& p_;
   const int G_, BQ_, Dp_, RQ_, KP_;  // group size, queries per block, padded D, rows, keys
-  int row_hi_ = 0;                   // rows at or past this are outside the current chunk
-  std::vector<Acc> q_, o_, s_, kt_, vn_, m_, l_;              // forward tiles
-  std::vector<Acc> kbuf_, zrow_;                              // decode: converted rows, zeros
-  std::vector<Acc> ds_, vt_, kn_, dout_, pt_, dst_, dkt_, dvt_, lse_, delta_;  // backward
-  std::vector<int> slot_;
+  std::vector<Acc> q_, qt_, o_, s_, st_, kn_, vn_, m_, l_, alpha_;  // forward tiles
+  std::vector<Acc> zrow_;                                           // decode: zeros
+  std::vector<Acc> bq_, bdo_, bqt_, bdot_, blse_, bdelta_, dpt_, dk_, dv_;  // backward
+  std::vector<int> lim_, slot_;
 };
 
 // Queries per work item: enough rows (queries x group heads) to fill the GEMM tiles.
 inline int query_block_size(int T, int G) { return std::max(1, std::min(T, kRowTarget / std::max(1, G))); }
+
+// Elements of one backward work item's dQ accumulator: rows_per_sequence() x Dp.
+template <typename Acc>
+inline int64_t dq_part_elems(int T, int G, int D, int block_q) {
+  constexpr int NR = GemmTile<Acc>::NR;
+  return int64_t((T + block_q - 1) / block_q) * round_up(block_q * G, NR) * round_up(D, NR);
+}
 
 }  // namespace memory3::cpu
