@@ -242,6 +242,7 @@ int main() {
   }
   vq_case<float>(80, 14, 8, 10);
   vq_case<__nv_bfloat16>(64, 6, 8, 5);
+  vq_case<double>(18, 5, 2, 6);  // D % 4 != 0: the one-row-at-a-time rotation
   if (failures) {
     std::printf("%d failures\n", failures);
     return 1;
