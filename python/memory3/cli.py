@@ -398,8 +398,8 @@ def add_demo(sub) -> None:
                                    "ranked memory positions) and a 4x larger one without memory, encode the "
                                    "knowledge base into a bank, answer questions about held-out people with "
                                    "retrieval (no memory, explicit memory, RAG, full-KV reuse) and write "
-                                   "report.md, results.json and PNG plots. Measured: 11 minutes on the 2-core CPU "
-                                   "machine shared with other jobs; --scale 0.5 for a shorter run.")
+                                   "report.md, results.json and PNG plots. Measured: 11-16 minutes on the 2-core CPU "
+                                   "machine shared with other jobs (load average 2-8); --scale 0.5 for a shorter run.")
     add_arguments(p)
     p.set_defaults(func=cmd_demo)
 
