@@ -10,15 +10,17 @@ training resumes from its last checkpoint):
 1. ``corpus``: the synthetic knowledge base (train and held-out people, `synthetic.py`) and
    a BPE tokenizer trained on it.
 2. ``train-parallel``, ``train-ranked``: the small memory model, TRAINING.md's single-stage
-   recipe (memories in the graph from step 0, 20% RAG steps, answer-only loss, curriculum
-   1 -> 5 memories), with the paper's parallel memory positions and with ranked positions
+   recipe (memories in the graph from step 0, 20% RAG steps, answer-only loss, one memory for
+   the first 40% of the steps, then 1 -> 5), with the paper's parallel memory positions and with ranked positions
    (right memory first in 80% of samples, so the model learns to trust retrieval order).
 3. ``train-large``: a model with ~4x the parameters and no memory layers, trained on every
-   biography (held-out ones too) and its questions: knowledge in the weights.
+   biography (held-out ones too) and its questions: knowledge in the weights, for about the
+   training wall time of one small model.
 4. ``bank-parallel``, ``bank-ranked``: every biography (held-out included) encoded by that
    model into an int8 memory bank with the all-MiniLM-L6-v2 embeddings.
 5. ``retrieval``: each held-out question retrieves its top-5 over the whole bank.
 6. ``eval-*``: exact match and timing per way of answering (demo_eval.py).
+Before each stage the torch thread count is set from the idle cores (``--threads`` fixes it).
 7. ``report.md``, ``results.json`` and PNG plots (demo_report.py).
 """
 from __future__ import annotations
