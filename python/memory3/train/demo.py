@@ -20,8 +20,9 @@ training resumes from its last checkpoint):
    model into an int8 memory bank with the all-MiniLM-L6-v2 embeddings.
 5. ``retrieval``: each held-out question retrieves its top-5 over the whole bank.
 6. ``eval-*``: exact match and timing per way of answering (demo_eval.py).
-Before each stage the torch thread count is set from the idle cores (``--threads`` fixes it).
 7. ``report.md``, ``results.json`` and PNG plots (demo_report.py).
+
+Before each stage the torch thread count is set from the idle cores (``--threads`` fixes it).
 """
 from __future__ import annotations
 
