@@ -26,6 +26,12 @@ bool prefill_supports(const MemoryAttentionParams& p, bool int8_bank) {
   if (p.D != 32 && p.D != 64 && p.D != 80 && p.D != 96 && p.D != 128) return false;
   if (p.Hkv <= 0 || p.Hq % p.Hkv != 0 || p.chunk_size < 1 || p.chunk_start < 0) return false;
   if (int8_bank && (p.mem_k_scale == nullptr || p.mem_v_scale == nullptr)) return false;
+  // Grids of one CTA per 64 rows (query tiles, key blocks, memory key blocks per chunk) of
+  // each (sequence, KV head) must fit gridDim.x (forward and backward kernels).
+  const int64_t bh = int64_t(p.B) * p.Hkv, grid_max = (int64_t(1) << 31) - 1;
+  const int64_t q_tiles = (int64_t(p.T) * (p.Hq / p.Hkv) + 63) / 64, k_tiles = (int64_t(p.S) + 63) / 64;
+  const int64_t m_tiles = (int64_t(p.R) * p.M + 63) / 64 * p.C;
+  if (q_tiles * bh > grid_max || k_tiles * bh > grid_max || m_tiles * bh > grid_max) return false;
   const int e = 2;  // bf16 / fp16
   const int be = int8_bank ? 1 : 2;
   return rows_aligned(p.q, e, {p.q_stride_b, p.q_stride_t, p.q_stride_h}) &&
