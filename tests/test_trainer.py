@@ -329,7 +329,8 @@ def test_curriculum_holds_one_memory_first():
     tc = TrainConfig.recipe_defaults("single-stage", steps=100, curriculum_start=0.4, curriculum_frac=0.2,
                                      right_first=0.8)
     recipe = SyntheticRecipe.from_config(tc)
-    assert (recipe.curriculum_start, recipe.curriculum_frac, recipe.right_first, recipe.max_memories) == (0.4, 0.2, 0.8, 5)
+    got = (recipe.curriculum_start, recipe.curriculum_frac, recipe.right_first, recipe.max_memories)
+    assert got == (0.4, 0.2, 0.8, 5)
     assert [recipe.memories_at(s, 100) for s in (0, 39, 40, 45, 50, 55, 60, 99)] == [1, 1, 1, 2, 3, 4, 5, 5]
     assert SyntheticRecipe(curriculum_start=1.0).memories_at(99, 100) == 1
     with pytest.raises(ValueError, match="curriculum_start"):
