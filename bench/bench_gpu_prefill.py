@@ -230,22 +230,30 @@ def table(rows: list[dict], peak: float, device: str) -> str:
 
 
 def sanitize_case() -> None:
-    """One small forward and backward of each kernel variant (float and int8 bank, D=80 and 64,
-    ragged lengths, two chunks per tile) for compute-sanitizer: memcheck and racecheck."""
+    """One small forward and backward of each kernel variant, checked against the reference:
+    bf16 D=80 float bank (tensor-core forward and backward, bank grads), fp16 D=64 int8 bank,
+    float32 D=48 (the CUDA-core backward); ragged lengths, several chunks per tile. For
+    compute-sanitizer (memcheck, racecheck): bench/gpu_sanitize_cases.py calls this."""
     from memory3.testing import AttentionCase
 
-    for dtype, D, int8 in ((torch.bfloat16, 80, False), (torch.float16, 64, True)):
-        case = AttentionCase(B=2, T=70, S=100, Hq=10, Hkv=2, D=D, N=20, chunk_size=16, chunk_start=3,
-                             kv_lens=[100, 50], dtype=dtype, int8_bank=int8)
+    for dtype, D, int8, tol in ((torch.bfloat16, 80, False, 3e-2), (torch.float16, 64, True, 1e-2),
+                                (torch.float32, 48, False, 1e-4)):
+        case = AttentionCase(B=2, T=40, S=70, Hq=10, Hkv=2, D=D, N=20, chunk_size=16, chunk_start=3,
+                             kv_lens=[70, 30], dtype=dtype, int8_bank=int8)
         args = case.make("cuda", requires_grad=True)
         if int8:
             for n in ("mem_k", "mem_v"):
                 args[n] = args[n].detach()
+        names = ("q", "k", "v") + (() if int8 else ("mem_k", "mem_v"))
+        leaves = [args[n] for n in names]
         out, lse = ops.memory_attention(**args)
-        leaves = [args[n] for n in ("q", "k", "v") + (() if int8 else ("mem_k", "mem_v"))]
-        torch.autograd.grad(out.float().square().sum() + lse.nan_to_num(neginf=0.0).sum(), leaves)
+        dout = torch.randn_like(out)
+        got = torch.autograd.grad(out, leaves, dout)
+        ref_out, _ = memory_attention_ref(**args)
+        want = torch.autograd.grad(ref_out, leaves, dout)
+        verify.relative(f"sanitize case {dtype} D={D}", [out] + list(got), [ref_out] + list(want), tol)
     torch.cuda.synchronize()
-    print("sanitize case done")
+    print("prefill sanitize cases done")
 
 
 def main() -> int:

@@ -90,6 +90,7 @@ for other in bench/bench_gpu_*.py; do  # benchmarks other issues add (prefill, b
   [ "$limit" -eq 0 ] && { echo "$name: skipped (no time left)"; continue; }
   timeout "$limit" python3 "$other" >"$OUT/$name.md" 2>&1
   rc=$?; [ $rc -eq 0 ] || { failed "$name" $rc "$name.md"; tail -15 "$OUT/$name.md"; }
+  [ $rc -ne 0 ] || cat "$OUT/$name.md"
 done
 cat "$OUT/bench_decode.md" "$OUT/bench_memory.md"
 

@@ -16,6 +16,8 @@ from memory3 import ops, vq
 from memory3.reference import dequantize_memory_ref, gather_memory_ref, memory_attention_ref, quantize_memory_ref
 from memory3.testing import AttentionCase
 
+from bench_gpu_prefill import sanitize_case as prefill_cases
+
 
 def close(a, b, tol):
     err = (a.double().cpu() - b.double().cpu()).abs().nan_to_num(posinf=1e9, neginf=1e9).max().item()
@@ -41,6 +43,7 @@ def main() -> None:
     args = AttentionCase(B=1, T=1, S=40, Hq=4, Hkv=2, D=64).make("cuda")
     args["mem_ids"] = args["mem_ids"].long()  # narrowed on the device
     ops.memory_attention(**args)
+    prefill_cases()  # the prefill forward and both backwards (bench_gpu_prefill.py)
     # gather_memory
     shape = (30, 2, 8, 80)
     bank = [torch.randn(shape).to(torch.bfloat16) for _ in range(2)]
