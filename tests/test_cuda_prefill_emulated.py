@@ -112,6 +112,9 @@ CASES = {
                             dtype=torch.bfloat16),
     # D=96, fp16, GQA 3
     "d96_fp16": FreshCase(B=1, T=33, S=50, Hq=6, Hkv=2, D=96, N=4, chunk_size=16, chunk_start=0, dtype=torch.float16),
+    # a chunk per query: a tile of 8 queries x 8 heads visits 8 chunks' memories; 6 keys each
+    "chunk_per_query": FreshCase(B=1, T=20, S=24, Hq=8, Hkv=1, D=64, N=5, R=2, M=3, chunk_size=1, chunk_start=0,
+                                 dtype=torch.bfloat16),
     # FlashAttention's rounded P (MEMORY3_PREFILL_P=rounded)
     "rounded_p": FreshCase(B=1, T=30, S=50, Hq=10, Hkv=2, D=80, N=6, chunk_size=16, chunk_start=3,
                            dtype=torch.bfloat16),
