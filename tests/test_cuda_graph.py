@@ -104,5 +104,8 @@ def test_torch_compile_fullgraph_traces_the_step():
     compiled = torch.compile(step, fullgraph=True)
     got = compiled(bank, *inputs)
     want = step(bank, *inputs)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # The ops' outputs are the same kernels' bits; the float sum (index 2) is Inductor's own
+    # reduction kernel, which adds in another order than eager's.
+    for i, (a, b) in enumerate(zip(got, want)):
+        tol = dict(atol=1e-3, rtol=1e-5) if i == 2 else dict(atol=0, rtol=0)
+        torch.testing.assert_close(a, b, **tol)
