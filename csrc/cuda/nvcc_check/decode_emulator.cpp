@@ -28,6 +28,7 @@ struct Case {
   bool int8 = false;
   double empty = 0.2;  // fraction of empty slots
   bool bad_id = false;
+  bool bad_unread = false;  // the bad id sits in chunk 0, which no query of the case reads
 };
 
 template <typename T>
@@ -81,9 +82,9 @@ void run_case(const Case& c) {
   std::vector<int32_t> ids(size_t(c.B) * C * c.R);
   for (auto& id : ids) id = unit(rng) < c.empty ? -1 : int(unit(rng) * c.N) % c.N;
   std::vector<int32_t> lens = c.lens.empty() ? std::vector<int32_t>(c.B, c.S) : std::vector<int32_t>(c.lens.begin(), c.lens.end());
-  if (c.bad_id) {  // in the chunk of sequence 0's last query
+  if (c.bad_id) {  // in the chunk of sequence 0's last query, or in one no query reads
     const int pos = lens[0] - 1;
-    ids[size_t((pos - c.chunk_start) / c.chunk_size) * c.R] = c.N + 3;
+    ids[size_t(c.bad_unread ? 0 : (pos - c.chunk_start) / c.chunk_size) * c.R] = c.N + 3;
   }
   std::vector<T> out(q.size());
   std::vector<float> lse(size_t(c.B) * c.Hq * c.T, std::numeric_limits<float>::quiet_NaN());
@@ -214,6 +215,8 @@ int main() {
   run_case<__half, __half, 128>({"fp16 D128 G=32 (two row blocks), empty seq", 2, 1, 200, 32, 1, 128, 12, 4, 2, 64, 0, 132, {0, 200}});
   Case bad{"bf16 D96 G=3 seven splits, bad id", 1, 1, 1000, 6, 2, 96, 50, 8, 5, 64, 3, 132, {}};
   bad.empty = 0.5, bad.bad_id = true;
+  run_case<__nv_bfloat16, __nv_bfloat16, 96>(bad);
+  bad.name = "bf16 D96 bad id in a chunk nobody reads", bad.bad_unread = true;  // the CPU op raises on it too
   run_case<__nv_bfloat16, __nv_bfloat16, 96>(bad);
   run_case<float, float, 128>({"fp32 D128 16 queries over 16 chunks", 1, 16, 40, 4, 4, 128, 10, 2, 3, 1, 0, 132, {}});
   run_case<float, float, 64>({"fp32 D64 T=4 G=1 split rows", 1, 4, 700, 8, 8, 64, 20, 8, 5, 64, 0, 132, {650}});

@@ -296,6 +296,15 @@ __global__ void __launch_bounds__(kDecodeThreads)
     const int64_t need = (int64_t(L) - 1 - p.chunk_start) / p.chunk_size + 1;
     if (need > p.C) record_range_error(p.range_error, kRangeChunks, b, L, p.C, need);
   }
+  // Every id of the sequence, read below or not (the CPU op checks them all; int64 ids were
+  // checked by the narrowing kernel already): one block per sequence.
+  if (kvh == 0 && rb == 0 && split == 0 && p.range_error != nullptr) {
+    const int64_t base = int64_t(b) * p.C * p.R, n = int64_t(p.C) * p.R;
+    for (int64_t i = tid; i < n; i += kDecodeThreads) {
+      const int id = p.mem_ids[base + i];
+      if (id < -1 || id >= p.N) record_range_error(p.range_error, kRangeMemIds, base + i, id, p.N);
+    }
+  }
 
   DecodeBlock<T, MT, kD> blk{p, lay, smem, D, G, b, kvh, row0, nrows, L};
   if (tid < kDecodeRows) {
