@@ -5,8 +5,11 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
+#include <memory>
 #include <optional>
+#include <thread>
 
 #include "checks.h"
 #include "memory3/memory_attention.h"
@@ -53,12 +56,33 @@ struct PassArgs {
 
 using PassWorker = void (*)(const PassArgs&, WorkQueue&);
 
+// Runs `worker` on min(torch's intra-op thread count, items) threads sharing one queue. The
+// extension is compiled without OpenMP, and at::parallel_for is a header template that then
+// runs its body serially (2 threads ran at the speed of 1). So the helpers are tasks on torch's
+// inter-op pool (at::launch, compiled into libtorch) and the calling thread works too. A helper
+// that has not started when the caller is done is cancelled rather than waited for, so a busy
+// pool cannot hang the call; a cancelled task touches only its shared state flag.
 inline void parallel_pass(PassWorker worker, const PassArgs& args, int64_t items) {
   if (items <= 0) return;
   WorkQueue queue;
   queue.size = items;
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), items);
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { worker(args, queue); });
+  const int64_t helpers = std::min<int64_t>(at::get_num_threads(), items) - 1;
+  enum : int { kQueued, kRunning, kDone, kCancelled };
+  std::shared_ptr<std::atomic<int>[]> state(new std::atomic<int>[std::max<int64_t>(helpers, 1)]);
+  for (int64_t h = 0; h < helpers; ++h) state[h].store(kQueued);
+  for (int64_t h = 0; h < helpers; ++h)
+    at::launch([state, h, worker, &args, &queue] {
+      int expected = kQueued;
+      if (!state[h].compare_exchange_strong(expected, kRunning)) return;
+      worker(args, queue);
+      state[h].store(kDone, std::memory_order_release);
+    });
+  worker(args, queue);
+  for (int64_t h = 0; h < helpers; ++h) {
+    int expected = kQueued;
+    if (state[h].compare_exchange_strong(expected, kCancelled)) continue;
+    while (state[h].load(std::memory_order_acquire) != kDone) std::this_thread::yield();
+  }
 }
 
 // Data checks the CPU can afford, on the caller's values (int32 or int64) before they are
