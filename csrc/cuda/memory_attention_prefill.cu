@@ -44,8 +44,13 @@ bool prefill_supports(const MemoryAttentionParams& p, bool int8_bank) {
 bool launch_memory_attention_prefill(const MemoryAttentionParams& p, PrefillDtype dtype, bool int8_bank,
                                      cudaStream_t stream) {
   if (!prefill_supports(p, int8_bank)) return false;
+  // P V takes FlashAttention's one-term rounded P by default (held to the 2x rule; emulated
+  // max error 0.13-0.21x the same computation's in bf16/fp16); MEMORY3_PREFILL_P=exact feeds P
+  // as two terms (~1.5x the MMA work) and meets the float32-accumulation cap (emulated: 0.92-
+  // 0.98x of it) that the rounded P misses by 8-90x. The backward rounds P and dS in every
+  // mode, as FlashAttention does.
   const char* mode = std::getenv("MEMORY3_PREFILL_P");
-  const bool exact_p = mode == nullptr || std::strcmp(mode, "rounded") != 0;
+  const bool exact_p = mode != nullptr && std::strcmp(mode, "exact") == 0;
   return dtype == PrefillDtype::bf16 ? launch_prefill_bf16(p, int8_bank, exact_p, stream)
                                      : launch_prefill_fp16(p, int8_bank, exact_p, stream);
 }

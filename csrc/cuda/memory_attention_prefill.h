@@ -18,7 +18,8 @@ bool prefill_supports(const MemoryAttentionParams& p, bool int8_bank);
 
 // Launches the kernel on `stream` when prefill_supports(p, int8_bank), and returns whether it
 // did (false: the caller runs its fallback). Launch errors are left for cudaGetLastError.
-// P enters P V exactly (two MMAs, prefill_attention.cuh) unless MEMORY3_PREFILL_P=rounded.
+// P enters P V rounded to bf16/fp16 as in FlashAttention (one MMA, prefill_attention.cuh) unless
+// MEMORY3_PREFILL_P=exact (two terms, two MMAs: within the float32-accumulation cap).
 bool launch_memory_attention_prefill(const MemoryAttentionParams& p, PrefillDtype dtype, bool int8_bank,
                                      cudaStream_t stream);
 
