@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from memory3.reference import memory_attention_ref
-from memory3.testing import AttentionCase
+from memory3.testing import AttentionCase, low_precision_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "csrc/cuda/nvcc_check/prefill_emulator.cpp"
@@ -157,10 +157,7 @@ def test_emulated_kernels_match_reference(name, simt, exact_p, emulator, tmp_pat
     low_out, _ = memory_attention_ref(**args, compute_dtype=case.dtype)
     out = got["out"].double()
     assert not torch.isnan(out).any(), f"{case}: unwritten or NaN outputs"
-    err = (out - ref_out.detach()).abs().max().item()
-    low_err = (low_out.double() - ref_out.detach()).abs().max().item()
-    cap = 0.5 * torch.finfo(case.dtype).eps * ref_out.detach().abs() * (1 + 1e-3) + 1e-5
-    worst = ((out - ref_out.detach()).abs() / cap).max().item()
+    err, low_err, worst = low_precision_errors(got["out"], ref_out, low_out)
     print(f"\n{name} {'exact' if exact_p else 'rounded'} P: max error {err:.3g}, {err / max(low_err, 1e-30):.2f}x the "
           f"{case.dtype} composition's {low_err:.3g}; {worst:.3g}x the float32-accumulation cap")
     assert err <= 2 * low_err + 1e-5, f"{case}: max error {err:.3g} > 2 x {low_err:.3g}"

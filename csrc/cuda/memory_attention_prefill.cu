@@ -45,9 +45,9 @@ bool launch_memory_attention_prefill(const MemoryAttentionParams& p, PrefillDtyp
                                      cudaStream_t stream) {
   if (!prefill_supports(p, int8_bank)) return false;
   // P V takes FlashAttention's one-term rounded P by default (held to the 2x rule; emulated
-  // max error 0.13-0.21x the same computation's in bf16/fp16); MEMORY3_PREFILL_P=exact feeds P
+  // max error 0.12-0.27x the same computation's in bf16/fp16); MEMORY3_PREFILL_P=exact feeds P
   // as two terms (~1.5x the MMA work) and meets the float32-accumulation cap (emulated: 0.92-
-  // 0.98x of it) that the rounded P misses by 8-90x. The backward rounds P and dS in every
+  // 0.99x of it) that the rounded P misses by 7-90x. The backward rounds P and dS in every
   // mode, as FlashAttention does.
   const char* mode = std::getenv("MEMORY3_PREFILL_P");
   const bool exact_p = mode != nullptr && std::strcmp(mode, "exact") == 0;

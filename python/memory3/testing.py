@@ -96,6 +96,20 @@ def attention_args(kwargs: dict) -> tuple:
     return tuple(kwargs.get(name) for name in ATTENTION_ARG_ORDER)
 
 
+def low_precision_errors(out: torch.Tensor, exact: torch.Tensor,
+                         same_dtype: torch.Tensor) -> tuple[float, float, float]:
+    """A bf16/fp16 output measured against the exact (float64) answer: (its max error, the max
+    error of `same_dtype` -- the same computation done by PyTorch in out's dtype -- and its
+    worst error over the float32-accumulation cap eps/2 |exact| (1 + 1e-3) + 1e-5).
+    FlashAttention's rule is err <= 2 x the second; a kernel that accumulates in float32 and
+    rounds once has the third <= 1."""
+    exact = exact.detach().double().cpu()
+    err = (out.detach().double().cpu() - exact).abs()
+    same_err = (same_dtype.detach().double().cpu() - exact).abs().max().item()
+    cap = 0.5 * torch.finfo(out.dtype).eps * exact.abs() * (1 + 1e-3) + 1e-5
+    return err.max().item(), same_err, (err / cap).max().item()
+
+
 def memory_attention_samples(device: str = "cpu", requires_grad: bool = False) -> list[tuple]:
     """Float and int8 banks, GQA 4 and 5, ragged kv_lens (int32 and int64), decode, padded
     queries, bf16 and float64."""

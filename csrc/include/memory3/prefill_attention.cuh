@@ -21,8 +21,8 @@
 // same computation done in bf16/fp16. kExactP (MEMORY3_PREFILL_P=exact) feeds P as two terms,
 // its rounding and the rounding's remainder (two MMAs per step, ~1.5x the forward's MMA work,
 // ~2^-17 relative): the output is then within float32 error of the exact answer before its
-// final rounding, the cap the CPU kernel meets (emulated: 0.92-0.98x of it). The rounded P misses
-// that cap by 8-90x yet stays at 0.13-0.21x the bf16/fp16 computation's error (the rule allows
+// final rounding, the cap the CPU kernel meets (emulated: 0.92-0.99x of it). The rounded P misses
+// that cap by 7-90x yet stays at 0.12-0.27x the bf16/fp16 computation's error (the rule allows
 // 2x); the speed target needs its one term, so exact P is the opt-in.
 #pragma once
 
