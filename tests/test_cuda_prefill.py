@@ -154,8 +154,14 @@ def test_prefill_bad_data_raises_after_the_kernel(monkeypatch):
     monkeypatch.delenv("MEMORY3_RANGE_CHECK", raising=False)
     case = FreshCase(B=2, T=40, S=60, Hq=8, Hkv=2, D=64, N=33, dtype=torch.bfloat16)
     args = case.make("cuda")
-    args["mem_ids"][1, -1, 0] = 33  # a chunk the queries see (ids of chunks no query reaches are not read)
+    args["mem_ids"][1, -1, 0] = 33  # a chunk the queries see
     with pytest.raises(RuntimeError, match=r"mem_ids holds 33 at flat index \d+, outside \[-1, N=33\)"):
+        ops.memory_attention(**args)
+    args = case.make("cuda")
+    unread = torch.full_like(args["mem_ids"][:, :1], -1)
+    unread[0, 0, 1] = 40  # an extra chunk past every query: the CPU op refuses its ids too
+    args["mem_ids"] = torch.cat([args["mem_ids"], unread], dim=1)
+    with pytest.raises(RuntimeError, match=r"mem_ids holds 40 at flat index \d+, outside \[-1, N=33\)"):
         ops.memory_attention(**args)
     args = case.make("cuda")
     args["kv_lens"] = torch.tensor([60, 61], dtype=torch.int32, device="cuda")

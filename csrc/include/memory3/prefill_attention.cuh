@@ -79,6 +79,15 @@ __global__ void __launch_bounds__(32 * kWarps) memory_attention_prefill_kernel(M
     const int64_t need = (int64_t(L) - 1 - p.chunk_start) / p.chunk_size + 1;
     if (need > p.C) record_range(p.range_error, cuda::kRangeChunks, b, L, p.C, need);
   }
+  // Every id of the sequence, read below or not (the CPU op checks them all), by the one
+  // block per sequence that also checks its length.
+  if (kvh == 0 && ti.tile == tiles - 1 && p.range_error != nullptr) {
+    const int64_t base = int64_t(b) * p.C * p.R, n = int64_t(p.C) * p.R;
+    for (int64_t i = tid; i < n; i += kThreads) {
+      const int64_t id = p.mem_ids[base + i];
+      if (id < -1 || id >= p.N) record_range(p.range_error, cuda::kRangeMemIds, base + i, id, p.N);
+    }
+  }
   const TilePlan plan = plan_tile(m0, kRows, G, p.T, L, p.chunk_size, p.chunk_start, p.C, p.R, p.M);
   const int nblk = plan.blocks();
 
