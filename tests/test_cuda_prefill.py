@@ -401,3 +401,14 @@ def test_training_step_small_preset_matches_cpu():
     cuda_model.zero_grad()
     after, _ = step(cuda_model, "cuda", autocast=True)
     assert after.item() < bf16_loss.item()
+
+
+@pytest.mark.parametrize("name", ["MEMORY3_PREFILL_P", "MEMORY3_CUDA_BACKWARD", "MEMORY3_RANGE_CHECK"])
+def test_a_mistyped_switch_is_refused(monkeypatch, name):
+    """A MEMORY3_* switch with an unknown value is an error naming it, never the default path."""
+    monkeypatch.setenv(name, "exactt")
+    case = FreshCase(B=1, T=40, S=40, Hq=4, Hkv=2, D=64, dtype=torch.bfloat16)
+    args = case.make("cuda", requires_grad=True)
+    with pytest.raises(RuntimeError, match=f"{name}=exactt is not one of"):
+        out, lse = ops.memory_attention(**args)
+        out.float().sum().backward()

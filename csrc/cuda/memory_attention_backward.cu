@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "env_choice.h"
 #include "memory_attention_backward_kernels.h"
 #include "memory_attention_prefill.h"
 
@@ -40,8 +41,7 @@ at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ?
 
 // MEMORY3_CUDA_BACKWARD=simt forces the CUDA-core backward (a cross-check of the tensor-core one).
 bool tensor_core_backward_allowed() {
-  const char* v = std::getenv("MEMORY3_CUDA_BACKWARD");
-  return v == nullptr || std::strcmp(v, "simt") != 0;
+  return memory3::env_choice("MEMORY3_CUDA_BACKWARD", {"tensor_core", "simt"}, "tensor_core") != "simt";
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> memory_attention_backward_cuda(

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <initializer_list>
 
+#include "env_choice.h"
 #include "memory_attention_prefill.h"
 
 namespace memory3 {
@@ -49,8 +50,7 @@ bool launch_memory_attention_prefill(const MemoryAttentionParams& p, PrefillDtyp
   // as two terms (~1.5x the MMA work) and meets the float32-accumulation cap (emulated: 0.92-
   // 0.99x of it) that the rounded P misses by 7-90x. The backward rounds P and dS in every
   // mode, as FlashAttention does.
-  const char* mode = std::getenv("MEMORY3_PREFILL_P");
-  const bool exact_p = mode != nullptr && std::strcmp(mode, "exact") == 0;
+  const bool exact_p = env_choice("MEMORY3_PREFILL_P", {"rounded", "exact"}, "rounded") == "exact";
   return dtype == PrefillDtype::bf16 ? launch_prefill_bf16(p, int8_bank, exact_p, stream)
                                      : launch_prefill_fp16(p, int8_bank, exact_p, stream);
 }

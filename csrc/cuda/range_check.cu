@@ -13,6 +13,7 @@
 #include <string>
 
 #include "memory3/cuda_common.cuh"
+#include "env_choice.h"
 #include "range_check.h"
 
 namespace memory3 {
@@ -94,8 +95,7 @@ bool range_check_deferred(cudaStream_t stream) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
   if (status != cudaStreamCaptureStatusNone) return true;
-  const char* mode = std::getenv("MEMORY3_RANGE_CHECK");
-  return mode != nullptr && std::strcmp(mode, "deferred") == 0;
+  return memory3::env_choice("MEMORY3_RANGE_CHECK", {"sync", "deferred"}, "sync") == "deferred";
 }
 
 void finish_range_check(cudaStream_t stream, bool deferred) {
