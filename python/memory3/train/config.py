@@ -7,7 +7,8 @@ Recipes (``TrainConfig.recipe_defaults(name)``):
   same forward pass (chunk c reads the references of chunks c-4..c), leakage filter 0.9.
 - ``single-stage``: TRAINING.md's recipe on the synthetic knowledge base (memories from step
   0, 20% RAG steps, answer-only loss, curriculum 1 -> 5 memories, AdamW lr 3e-3, wd 0.1,
-  betas 0.9/0.98, 5% warmup + cosine, clip 1.0, batch 32).
+  betas 0.9/0.98, 5% warmup + cosine, clip 1.0, batch 32). Option ``bind_supervision``:
+  an auxiliary loss on the memory layers' attention to the right memory (`binding.py`).
 """
 from __future__ import annotations
 
@@ -56,10 +57,20 @@ class TrainConfig:
     right_first: float | None = None
     questions_per_sample: int = 5
     curriculum_start: float = 0.0
+    # binding supervision (memory3.train.binding): weight of the auxiliary loss -log(attention
+    # share on the right memory) at the answer positions of memory steps; 0 = off
+    bind_supervision: float = 0.0
+    bind_until: float = 1.0       # share of the steps it is on (afterwards the answer loss alone)
+    bind_layers: tuple[int, ...] | None = None  # supervised memory layers; None: all but the first
     extra: dict = field(default_factory=dict)  # free-form notes saved with the run
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        if self.bind_layers is not None:
+            self.bind_layers = tuple(int(i) for i in self.bind_layers)
+        if self.bind_supervision < 0 or not 0 <= self.bind_until <= 1:
+            raise ValueError(f"bind_supervision must be >= 0 and bind_until in [0, 1], got "
+                             f"{self.bind_supervision}, {self.bind_until}")
         if self.recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
         if self.schedule not in SCHEDULES:

@@ -34,12 +34,15 @@ IGNORE = -100
 class Batch:
     """tokens, targets int64 [B, S] (targets[b, i] is the token after tokens[b, i]; IGNORE =
     no loss). With memory: refs int64 [N, L] (reference tokens without the prefix, right-padded),
-    ref_lens int64 [N], mem_ids int32 [B, C, R] rows of refs read by chunk c (-1 = none)."""
+    ref_lens int64 [N], mem_ids int32 [B, C, R] rows of refs read by chunk c (-1 = none);
+    right int64 [B], when known: the slot (0..R-1) of the right memory in every chunk of
+    sequence b (the binding supervision's target, `memory3.train.binding`)."""
     tokens: torch.Tensor
     targets: torch.Tensor
     refs: torch.Tensor | None = None
     ref_lens: torch.Tensor | None = None
     mem_ids: torch.Tensor | None = None
+    right: torch.Tensor | None = None
 
     @property
     def n_targets(self) -> int:
@@ -47,7 +50,8 @@ class Batch:
 
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.tokens), move(self.targets), move(self.refs), move(self.ref_lens), move(self.mem_ids))
+        return Batch(move(self.tokens), move(self.targets), move(self.refs), move(self.ref_lens), move(self.mem_ids),
+                     move(self.right))
 
 
 class Task(Protocol):
@@ -231,7 +235,7 @@ class SyntheticTask:
         return ids, targets
 
     def sample(self, step: int, index: int, n_memories: int, rag: bool):
-        """One sample: (context ids, targets, reference texts in slot order)."""
+        """One sample: (context ids, targets, reference texts in slot order, the right one's slot)."""
         rng = random.Random(f"{self.seed}:sample:{step}:{index}")
         people = self.kb.fresh_people(rng.getrandbits(64))
         right = next(people)
@@ -248,11 +252,11 @@ class SyntheticTask:
             rng.shuffle(shown)
             text = self.encode(" " + " ".join(biography(p, rng) for p in shown))
             ids = head + text + qa_ids
-            return ids, [IGNORE] * (len(head) + len(text)) + qa_targets, []
+            return ids, [IGNORE] * (len(head) + len(text)) + qa_targets, [], -1
         slots = [right, *others]
         if self.recipe.right_first is None or rng.random() >= self.recipe.right_first:
             rng.shuffle(slots)
-        return head + qa_ids, [IGNORE] * len(head) + qa_targets, [biography(p, rng) for p in slots]
+        return head + qa_ids, [IGNORE] * len(head) + qa_targets, [biography(p, rng) for p in slots], slots.index(right)
 
     def batch(self, step: int, micro: int) -> Batch:
         rag = self.recipe.is_rag_step(self.seed, step)
@@ -267,4 +271,5 @@ class SyntheticTask:
         refs = [self.tokenizer.reference_ids(text, self.config.ref_len) for s in samples for text in s[2]]
         ids = torch.arange(len(refs), dtype=torch.int32).view(len(samples), 1, n_mem)
         ids = ids.expand(-1, n_chunks(self.config, tokens.shape[1]), -1).contiguous()  # every chunk reads them
-        return Batch(tokens, targets, pad_rows(refs, self.config.pad_id), torch.tensor([len(r) for r in refs]), ids)
+        return Batch(tokens, targets, pad_rows(refs, self.config.pad_id), torch.tensor([len(r) for r in refs]), ids,
+                     torch.tensor([s[3] for s in samples]))

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from memory3.memory.encoder import encode_references
 from memory3.model import Memories, Memory3Model
+from memory3.train import binding
 from memory3.train.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
 from memory3.train.config import TrainConfig
 from memory3.train.distributed import DistInfo, all_reduce_sum, barrier
@@ -39,19 +40,39 @@ TaskFactory = Callable[[int, int, int], Task]
 class LossModel(nn.Module):
     """Summed next-token cross-entropy of a batch; what DDP wraps (encoding included).
     Logits are computed only where a target is (answer-only loss: ~1 position in 13 on the
-    synthetic task, and the output projection and softmax were ~40% of a step)."""
+    synthetic task, and the output projection and softmax were ~40% of a step).
 
-    def __init__(self, model: Memory3Model) -> None:
+    With ``bind_layers`` and a batch that knows its right memory (``right``), the returned
+    objective adds ``bind_weight`` x the binding supervision's -log share summed over the
+    answer positions (`memory3.train.binding`); ``stats`` then holds the parts, detached:
+    ``ce``, ``bind`` (the -log share sum) and ``share`` (the share summed over positions,
+    mean over layers and heads), with ``positions`` their count."""
+
+    def __init__(self, model: Memory3Model, bind_layers: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.model = model
+        self.bind_layers = tuple(bind_layers)
+        self.stats: dict = {}
 
-    def forward(self, tokens, targets, refs=None, ref_lens=None, mem_ids=None) -> torch.Tensor:
-        memories = None
+    def forward(self, tokens, targets, refs=None, ref_lens=None, mem_ids=None, right=None,
+                bind_weight: float = 0.0) -> torch.Tensor:
+        memories = memory = None
         if refs is not None:
-            memories = Memories.from_stacked(encode_references(self.model, refs, ref_lens), mem_ids)
+            memory = encode_references(self.model, refs, ref_lens)
+            memories = Memories.from_stacked(memory, mem_ids)
         where = targets != IGNORE
-        logits = self.model(tokens, memories, logits_where=where)  # [K, V] at the target positions
-        return F.cross_entropy(logits.float(), targets[where], reduction="sum")
+        supervise = bool(self.bind_layers) and memory is not None and right is not None
+        with binding.capture_queries(self.model, self.bind_layers if supervise else ()) as queries:
+            logits = self.model(tokens, memories, logits_where=where)  # [K, V] at the target positions
+        loss = F.cross_entropy(logits.float(), targets[where], reduction="sum")
+        self.stats = {"ce": loss.detach()}
+        if not supervise:
+            return loss
+        log_share = binding.answer_log_shares(self.model, queries, where, memory, mem_ids, right, self.bind_layers)
+        aux = -log_share.mean(dim=(1, 2)).sum()
+        self.stats.update(bind=aux.detach(), share=log_share.detach().exp().mean(dim=(1, 2)).sum(),
+                          positions=log_share.shape[0])
+        return loss + bind_weight * aux if bind_weight else loss
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
@@ -70,7 +91,11 @@ class Trainer:
         self.model = model.to(dist.device)
         self.micro_batch, self.accum = config.layout(dist.world_size)
         self.task = make_task(dist.rank, dist.world_size, self.micro_batch)
-        loss_model = LossModel(self.model)
+        self.bind_layers: tuple[int, ...] = ()
+        if config.bind_supervision > 0:
+            self.bind_layers = binding.check_layers(
+                model.config, binding.default_layers(model.config) if config.bind_layers is None else config.bind_layers)
+        loss_model = self.inner_loss = LossModel(self.model, self.bind_layers)
         self.fsdp = dist.enabled and config.parallel == "fsdp"
         if self.fsdp:
             from torch.distributed.fsdp import fully_shard
@@ -104,7 +129,9 @@ class Trainer:
                                float(sum(int((b.tokens != self.model.config.pad_id).sum()) for b in batches))])
         counts = all_reduce_sum(counts, self.dist)
         n_targets, n_tokens = max(1.0, counts[0].item()), counts[1].item()
+        bind_weight = c.bind_supervision if step < c.bind_until * c.steps else 0.0
         total = torch.zeros((), device=self.dist.device)
+        bind = torch.zeros(3, device=self.dist.device)  # -log share sum, share sum, positions
         for m, b in enumerate(batches):
             last = m == self.accum - 1
             sync = contextlib.nullcontext()
@@ -114,10 +141,15 @@ class Trainer:
                 sync = self.loss_model.no_sync()
             with sync:
                 with self.autocast():
-                    loss_sum = self.loss_model(b.tokens, b.targets, b.refs, b.ref_lens, b.mem_ids)
+                    objective = self.loss_model(b.tokens, b.targets, b.refs, b.ref_lens, b.mem_ids, b.right,
+                                                bind_weight)
                 # DDP averages gradients over ranks: scale so the result is sum / global count.
-                (loss_sum * (self.dist.world_size / n_targets)).backward()
-            total += loss_sum.detach().float()
+                (objective * (self.dist.world_size / n_targets)).backward()
+            stats = self.inner_loss.stats
+            total += stats["ce"].float()
+            if "bind" in stats:
+                bind += torch.stack([stats["bind"].float(), stats["share"].float(),
+                                     torch.tensor(float(stats["positions"]), device=bind.device)])
         loss = all_reduce_sum(total, self.dist).item() / n_targets
         grad_norm = float("nan")
         if c.clip > 0:
@@ -128,6 +160,10 @@ class Trainer:
         memory = batches[0].refs is not None
         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
                   "targets": n_targets, "memory": memory}
+        if self.bind_layers:
+            bind = all_reduce_sum(bind, self.dist).tolist()
+            if bind[2]:  # a memory step: the supervision's loss and the right memory's attention share
+                record.update(bind_loss=bind[0] / bind[2], right_share=bind[1] / bind[2], bind_weight=bind_weight)
         if hasattr(self.task, "skipped_leaks"):  # continual stage: references the 0.9 filter dropped so far
             record["skipped_leaks"] = self.task.skipped_leaks
         return record
