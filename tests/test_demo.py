@@ -1,6 +1,7 @@
 """`memory3 demo`: a --quick run completes and its report has every row and plot, with numbers
 that follow from what the run stored (not hard-coded); full-KV reuse of one reference is RAG."""
 import json
+import statistics
 import time
 
 import pytest
@@ -121,6 +122,61 @@ def test_full_kv_reuse_of_one_reference_equals_rag():
     assert not torch.allclose(none[0, :len(tails[0])], kv[0, :len(tails[0])], atol=1e-3)  # the reference matters
 
 
+def test_full_kv_store_saved_and_memory_mapped_fills_the_same_cache(tmp_path):
+    """save() writes the rows to one file and reads them back memory-mapped (the bank's kind
+    of storage); a cache filled from it holds the head, then each reference's key-values in
+    retrieval order, exactly as computed (k, v of every layer)."""
+    tok = Memory3Tokenizer.byte_level()
+    model = init_for_training(Memory3Model(Memory3Config.preset("tiny")), seed=4).eval()
+    bios = {3: "Kalomi was born in Oslo .", 7: "Bero worked for Acme in Rome ."}
+    store = FullKVStore(model, tok, dtype=torch.float32)
+    store.add(list(bios), list(bios.values()))
+    ram = model.new_cache(1, 64)
+    n = store.fill(ram, 0, [7, -1, 3])
+    path = store.save(tmp_path / "kv")
+    assert path.stat().st_size == store.tokens.numel() * 4 and store.path == path
+    with pytest.raises(ValueError, match="add every reference before save"):
+        store.add([9], ["Tina studied at Yale ."])
+    mapped = model.new_cache(1, 64)
+    assert store.fill(mapped, 0, [7, -1, 3]) == n == store.length([7, -1, 3])
+    torch.testing.assert_close(mapped.k, ram.k, rtol=0, atol=0)
+    torch.testing.assert_close(mapped.v, ram.v, rtol=0, atol=0)
+    # the head and each reference computed alone, as the store's spans hold them
+    with torch.inference_mode():
+        for row, start in ((7, 2), (3, 2 + store.spans[7].numel())):
+            ids = [*model.config.prefix_ids, model.config.bos_id] + tok.encode(" " + bios[row])
+            alone = model.new_cache(1, len(ids))
+            model(torch.tensor([ids]), cache=alone, kv_lens=torch.tensor([len(ids)], dtype=torch.int32))
+            m = len(ids) - 2
+            torch.testing.assert_close(mapped.k[:, 0, start:start + m], alone.k[:, 0, 2:], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(mapped.v[:, 0, start:start + m], alone.v[:, 0, 2:], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(mapped.k[:, 0, :2], alone.k[:, 0, :2], atol=1e-5, rtol=1e-5)
+    assert store.bytes_per_reference() == pytest.approx(
+        4 * 2 * model.config.n_layers * model.config.n_kv_heads * model.config.head_dim
+        * (store.spans[3].numel() + store.spans[7].numel()) / 2)
+
+
+def test_answer_logits_only_where_asked_are_the_full_logits_there():
+    """logits(at=...) returns the rows of the full logits at each tail's asked positions
+    (exact match reads only those), in every mode's layout."""
+    tok = Memory3Tokenizer.byte_level()
+    model = init_for_training(Memory3Model(Memory3Config.preset("tiny")), seed=6).eval()
+    bios = {0: "Kalomi was born in Oslo .", 1: "Bero worked for Acme ."}
+    store = FullKVStore(model, tok, dtype=torch.float32)
+    store.add(list(bios), list(bios.values()))
+    rows = torch.tensor([[0, 1], [1, 0]])
+    tails = [tok.encode(" Q: where was Kalomi born ? A: Oslo"), tok.encode(" Q: who ? A: Acme")]
+    at = [(3, 2), (len(tails[1]) - 4, 4)]
+    with torch.inference_mode():
+        for a in (Answerer(model, tok, "rag", 2, texts=bios), Answerer(model, tok, "fullkv", 2, kv_store=store),
+                  Answerer(model, tok, "none")):
+            full, starts = a.logits(rows, tails)
+            some, again = a.logits(rows, tails, at=at)
+            assert again == starts
+            want = torch.cat([full[b, starts[b] + i:starts[b] + i + n] for b, (i, n) in enumerate(at)])
+            torch.testing.assert_close(some, want, atol=1e-5, rtol=1e-5)
+
+
 def test_explicit_memory_reads_the_retrieved_rows_in_rank_order(tmp_path):
     """Answerer("memory", k) gives the model bank rows [B, k] as memories in retrieval order
     (ranked positions make the order visible): the same logits as the encoder's memories of
@@ -205,15 +261,24 @@ def test_time_methods_retrieves_once_and_times_every_method_from_the_same_rows(t
     qs = [Question("a", "city", "Q: where was Kalomi born ? A:", "Oslo"),
           Question("b", "employer", "Q: who employed Bero ? A:", "Acme")]
     got = time_methods(answerers, qs, Retriever(), n_decode=2, repeats=2)
-    bank.close()
-    assert len(calls) == 1 + 2 * 2 and all(k == 2 and len(q) == 1 for q, k in calls)  # warm-up + Q x repeats
-    assert len(seen) == len(calls) * len(answerers) and all(r == [[2, 0]] for *_, r in seen)
-    firsts = {seen[i * len(answerers)][:2] for i in range(len(calls))}
-    assert len(firsts) == len(calls)  # a different method opens each round
+    calls_timed = list(calls)
+    calls = calls_timed
+    assert len(calls) == 1 + 2 and all(k == 2 and len(q) == 1 for q, k in calls)  # warm-up + one per question
+    rounds = 1 + 2 * 2  # warm-up, then every repeat of every question
+    assert len(seen) == rounds * len(answerers) and all(r == [[2, 0]] for *_, r in seen)
+    firsts = {seen[i * len(answerers)][:2] for i in range(rounds)}
+    assert len(firsts) == rounds  # a different method opens each round
     for name, r in got.items():
-        assert r["timed_questions"] == 4 and r["decode_tok_s"] > 0
+        assert r["timed_questions"] == 2 and r["decode_tok_s"] > 0
         assert r["ttft_ms"] >= r["prefill_ms"] > 0
         assert (r["retrieval_ms"] == 0) == (name == "none")
+        assert len(r["own_ms"]) == 2 and all(len(x) == 2 and min(x) > 0 for x in r["own_ms"])
+        assert r["prefill_ms"] == pytest.approx(statistics.median(t for x in r["own_ms"] for t in x), abs=1e-3)
+    # decoding timed on the first decode_questions only
+    seen.clear()
+    got = time_methods(answerers, qs, Retriever(), n_decode=2, repeats=1, decode_questions=0)
+    assert all(r["decode_tok_s"] != r["decode_tok_s"] for r in got.values())  # nan: none timed
+    bank.close()
 
 
 def test_threads_follow_the_idle_cores(monkeypatch):
@@ -281,3 +346,34 @@ def test_ranked_top1_reads_the_bank_in_place(tmp_path):
     torch.testing.assert_close(got, padded, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(two, want_two)
     assert not torch.allclose(two, three, atol=1e-3)
+
+
+def test_paired_differences_and_their_bootstrap_interval():
+    """Per question the fastest repeat of a minus b's; the median's percentile-bootstrap
+    interval, checked on hand-built differences: a shift of -1 with small spread is "below",
+    the same spread around 0 "within noise", and the interval is seeded (same in, same out)."""
+    from memory3.train.demo_stats import bootstrap_median, per_question_differences
+
+    a = [[3.0, 2.0, 9.0], [5.0, 4.5, 4.0]]  # a spike (9.0) in one repeat does not count
+    b = [[3.5, 3.0, 3.2], [4.0, 6.0, 4.1]]
+    assert per_question_differences(a, b) == [-1.0, 0.0]
+    with pytest.raises(ValueError, match="same number"):
+        per_question_differences([[1.0]], [[1.0, 2.0]])
+    with pytest.raises(ValueError, match="same questions"):
+        per_question_differences([[1.0]], [])
+    below = [-1.0 + 0.01 * (i % 7 - 3) for i in range(60)]  # median -1, all within -1.03..-0.97
+    got = bootstrap_median(below)
+    assert got["n"] == 60 and got["median"] == pytest.approx(-1.0)
+    assert -1.03 <= got["lo"] <= -1.0 <= got["hi"] <= -0.97 and got["verdict"] == "below"
+    assert bootstrap_median(below) == got
+    centred = [x + 1.0 for x in below]
+    assert bootstrap_median(centred)["verdict"] == "within noise"
+    assert bootstrap_median([x + 2.0 for x in below])["verdict"] == "above"
+    # an even count: the median is the mean of the two middle values
+    assert bootstrap_median([1.0, 2.0, 3.0, 10.0])["median"] == 2.5
+    # the interval narrows as questions are added (sqrt n): 4x the questions, about half the width
+    noisy = [((i * 7919) % 101 - 50) / 50 for i in range(400)]
+    wide, narrow = bootstrap_median(noisy[:100]), bootstrap_median(noisy)
+    assert 0.3 < (narrow["hi"] - narrow["lo"]) / (wide["hi"] - wide["lo"]) < 0.8
+    with pytest.raises(ValueError, match="confidence"):
+        bootstrap_median(below, confidence=1.0)

@@ -12,20 +12,24 @@ position is the answer token (what greedy decoding produces).
 
 Timing (`time_methods`) is per question at batch 1, every method on the same footing: the
 question is retrieved once (top-k for the largest k, timed: the shared retrieval step), then
-each method, in an order rotated per question so none always runs first, goes from the
-retrieved rows to its first greedy token (the method's own work: bank read by row id /
-reference text fetched and tokenized / stored key-values copied into the cache, plus the
-prefill), then greedy decode steps into the model's KV cache. Time to first token = shared
-retrieval + the method's part; medians over questions x repeats.
+each method, in an order rotated every round so none always runs first, goes from the
+retrieved rows to its first greedy token (the method's own work: bank rows read by id in
+place from the bank's memory-mapped shard files / reference text fetched from the bank and
+tokenized / stored key-values gathered from their memory-mapped file and copied into the
+cache, plus the prefill), then greedy decode steps into the model's KV cache. Time to first
+token = shared retrieval + the method's part; medians over questions x repeats. Two methods
+are compared by their paired per-question differences (`demo_stats`).
 """
 from __future__ import annotations
 
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
+from torch import Tensor
 
 from memory3.model import Memories, Memory3Model
 from memory3.model.tokenizer import Memory3Tokenizer
@@ -59,22 +63,44 @@ def _head(model: Memory3Model) -> list[int]:
 
 class FullKVStore:
     """Dense per-layer keys and values of each reference's tokens, computed once (offline) as
-    ``<s>Reference: <s> text`` and kept in ``dtype`` (bf16: what a KV-reuse store holds)."""
+    ``<s>Reference: <s> text`` and kept in ``dtype`` (bf16: what a KV-reuse store holds).
+
+    Token-major rows [n_tokens, 2 (k, v), n_layers, Hkv, D], one span per reference (and one
+    for the shared head), in RAM until `save`, which writes them to one file read back
+    memory-mapped with the bank's own shard code: the same kind of storage the demo's bank is
+    read from (mmap'd shard files), so neither method reads from a faster medium. `fill`
+    gathers the head and the retrieved spans with one index and copies them into the cache
+    with one copy for the keys and one for the values, whatever k (a batched load, as
+    KV-reuse systems do)."""
+
+    FILE = "fullkv.bin"
 
     def __init__(self, model: Memory3Model, tokenizer: Memory3Tokenizer, dtype: torch.dtype = torch.bfloat16) -> None:
         self.model, self.tokenizer, self.dtype = model, tokenizer, dtype
-        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # row -> k, v [n_layers, n, Hkv, D]
+        c = model.config
+        self.row_shape = (2, c.n_layers, c.n_kv_heads, c.head_dim)
+        self.spans: dict[int, Tensor] = {}  # row -> its token indices into self.tokens (int64)
+        self.path: Path | None = None
         head = torch.tensor([_head(model)], device=model.device)
         cache = model.new_cache(1, head.shape[1])
         with torch.inference_mode():
             model(head, cache=cache, kv_lens=torch.tensor([head.shape[1]], dtype=torch.int32, device=model.device))
-        n = head.shape[1]
-        self.head_kv = (cache.k[:, 0, :n].clone(), cache.v[:, 0, :n].clone())
+        self.tokens = self._rows(cache, 0, 0, head.shape[1])
+        self.head = torch.arange(head.shape[1])
+
+    def _rows(self, cache, b: int, start: int, stop: int) -> Tensor:
+        """Sequence b's cache rows start..stop-1 as token-major store rows."""
+        kv = torch.stack([cache.k[:, b, start:stop], cache.v[:, b, start:stop]], 1)  # [L, 2, n, Hkv, D]
+        return kv.transpose(0, 2).to("cpu", self.dtype).contiguous()
 
     @torch.inference_mode()
     def add(self, rows: Sequence[int], texts: Sequence[str], batch_size: int = 64) -> None:
-        todo = [(r, t) for r, t in zip(rows, texts) if r not in self.kv]
+        if self.path is not None:
+            raise ValueError(f"the store was saved to {self.path}; add every reference before save()")
+        todo = [(r, t) for r, t in zip(rows, texts) if r not in self.spans]
         head = _head(self.model)
+        blocks = [self.tokens]
+        n = self.tokens.shape[0]
         for start in range(0, len(todo), batch_size):
             part = todo[start:start + batch_size]
             ids = [head + self.tokenizer.encode(" " + t) for _, t in part]
@@ -83,25 +109,39 @@ class FullKVStore:
             cache = self.model.new_cache(B, T)
             self.model(tokens, cache=cache, kv_lens=torch.full((B,), T, dtype=torch.int32, device=tokens.device))
             for b, (row, _) in enumerate(part):
-                n = len(ids[b])
-                self.kv[row] = (cache.k[:, b, len(head):n].to(self.dtype).clone(),
-                                cache.v[:, b, len(head):n].to(self.dtype).clone())
+                blocks.append(self._rows(cache, b, len(head), len(ids[b])))
+                self.spans[row] = torch.arange(n, n + blocks[-1].shape[0])
+                n += blocks[-1].shape[0]
+        self.tokens = torch.cat(blocks)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write every row to ``directory/fullkv.bin`` and read them from there, memory-mapped."""
+        from memory3.memory.codecs import ArraySpec
+        from memory3.memory.shards import append_rows, map_rows
+        path = Path(directory) / self.FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        spec = ArraySpec(self.dtype, self.row_shape)
+        append_rows(path, 0, spec, self.tokens)
+        self.tokens, self.path = map_rows(path, self.tokens.shape[0], spec), path
+        return path
 
     def bytes_per_reference(self) -> float:
         """Mean stored bytes of one reference's keys and values."""
-        sizes = [k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv.values()]
-        return sum(sizes) / max(1, len(sizes))
+        row_bytes = self.tokens[:1].numel() * self.tokens.element_size()
+        return row_bytes * sum(s.numel() for s in self.spans.values()) / max(1, len(self.spans))
+
+    def length(self, rows: Sequence[int]) -> int:
+        """Cache rows the head and these references fill."""
+        return self.head.numel() + sum(self.spans[r].numel() for r in rows if r >= 0)
 
     def fill(self, cache, b: int, rows: Sequence[int]) -> int:
         """Write the head and the references' key-values into sequence b of ``cache``; return
         the number of cache rows used."""
-        parts = [self.head_kv] + [self.kv[r] for r in rows if r >= 0]
-        n = 0
-        for k, v in parts:
-            m = k.shape[1]
-            cache.k[:, b, n:n + m] = k.to(cache.k.dtype)
-            cache.v[:, b, n:n + m] = v.to(cache.v.dtype)
-            n += m
+        index = torch.cat([self.head] + [self.spans[r] for r in rows if r >= 0])
+        kv = self.tokens[index].to(cache.k.device)  # [n, 2, L, Hkv, D]
+        n = index.numel()
+        cache.k[:, b, :n] = kv[:, 0].transpose(0, 1)
+        cache.v[:, b, :n] = kv[:, 1].transpose(0, 1)
         return n
 
 
@@ -130,10 +170,10 @@ class MemoryReader:
     def __call__(self, rows: torch.Tensor, n_chunk: int) -> Memories:
         B, k = rows.shape
         device = self.model.device
-        if self.in_place:
-            ids = rows.to(device, torch.int32)[:, None]  # -1 stays empty
+        if self.in_place:  # the op takes int64 ids (-1 = empty slot) as they come, strided too: no copy
+            ids = rows.to(device)[:, None]
             if n_chunk > 1:
-                ids = ids.expand(B, n_chunk, k).contiguous()
+                ids = ids.expand(B, n_chunk, k)
             return Memories(self.k, self.v, ids, self.k_scale, self.v_scale)
         mem = self.bank.gather(rows)  # [L, 2, B, k, Hkv, M, D], decoded by the bank's codec
         slots = torch.arange(B * k).view(B, k)
@@ -163,26 +203,36 @@ class Answerer:
         bios = " ".join(self.texts[r] for r in rows if r >= 0)
         return _head(self.model) + self.tokenizer.encode(" " + bios)
 
-    def logits(self, rows: torch.Tensor, tails: list[list[int]]):
+    def logits(self, rows: torch.Tensor, tails: list[list[int]], at: Sequence[tuple[int, int]] | None = None):
         """Logits [B, T, V] of the question tokens ``tails`` (prompt, answer) given retrieved
-        ``rows`` [B, k]; also the index in T of each tail's first token (0 unless no cache)."""
+        ``rows`` [B, k]; also the index in T of each tail's first token (0 unless no cache).
+        ``at``: per sequence (i, n), only the logits of its tail positions i .. i + n - 1,
+        returned as [sum of n, V] in order (the output projection is skipped elsewhere:
+        with RAG top-5 it was most of the evaluation)."""
         m, c = self.model, self.model.config
         rows = rows[:, :self.k] if self.mode != "none" else rows[:, :0]
+        memories, cache, kv_lens = None, None, None
         if self.mode == "fullkv":
             B, T = len(tails), max(len(t) for t in tails)
-            sizes = [sum(self.kv_store.kv[r][0].shape[1] for r in row if r >= 0) for row in rows.tolist()]
-            cache = m.new_cache(B, len(_head(m)) + max(sizes) + T)
+            cache = m.new_cache(B, max(self.kv_store.length(row) for row in rows.tolist()) + T)
             used = [self.kv_store.fill(cache, b, row) for b, row in enumerate(rows.tolist())]
             kv_lens = torch.tensor([u + T for u in used], dtype=torch.int32, device=m.device)
-            tokens = pad_rows(tails, c.pad_id).to(m.device)
-            return m(tokens, cache=cache, kv_lens=kv_lens), [0] * B
-        heads = [self._context(row) for row in rows.tolist()]
-        seqs = [h + t for h, t in zip(heads, tails)]
-        tokens = pad_rows(seqs, c.pad_id).to(m.device)
-        memories = None
-        if self.mode == "memory":
-            memories = self.reader(rows, n_chunks(c, tokens.shape[1]))
-        return m(tokens, memories), [len(h) for h in heads]
+            tokens, starts = pad_rows(tails, c.pad_id).to(m.device), [0] * B
+        else:
+            heads = [self._context(row) for row in rows.tolist()]
+            tokens = pad_rows([h + t for h, t in zip(heads, tails)], c.pad_id).to(m.device)
+            starts = [len(h) for h in heads]
+            if self.mode == "memory":
+                memories = self.reader(rows, n_chunks(c, tokens.shape[1]))
+        where = None
+        if at is not None:
+            if len(at) != len(tails):
+                raise ValueError(f"at must hold one (start, count) per tail ({len(tails)}), got {len(at)}")
+            where = torch.zeros(tokens.shape, dtype=torch.bool)
+            for b, (i, n) in enumerate(at):
+                where[b, starts[b] + i:starts[b] + i + n] = True
+            where = where.to(m.device)
+        return m(tokens, memories, cache=cache, kv_lens=kv_lens, logits_where=where), starts
 
     @torch.inference_mode()
     def exact_match(self, questions: Sequence[Question], rows: torch.Tensor, batch_size: int = 64) -> list[bool]:
@@ -192,11 +242,11 @@ class Answerer:
             qs, rs = questions[s:s + batch_size], rows[s:s + batch_size]
             prompts = [self.tokenizer.encode(" " + q.prompt) for q in qs]
             answers = [self.tokenizer.encode(" " + q.answer) for q in qs]
-            logits, starts = self.logits(rs, [p + a for p, a in zip(prompts, answers)])
-            pred = logits.argmax(-1).cpu()
-            for b, (p, a) in enumerate(zip(prompts, answers)):
-                first = starts[b] + len(p)  # index of the first answer token
-                out.append(pred[b, first - 1:first - 1 + len(a)].tolist() == a)
+            # the logits that predict the answer tokens: from the prompt's last token on
+            logits, _ = self.logits(rs, [p + a for p, a in zip(prompts, answers)],
+                                    at=[(len(p) - 1, len(a)) for p, a in zip(prompts, answers)])
+            pred = logits.argmax(-1).cpu().split([len(a) for a in answers])
+            out.extend(p.tolist() == a for p, a in zip(pred, answers))
         return out
 
     @torch.inference_mode()
@@ -212,9 +262,9 @@ class Answerer:
             found = self.bank.references([r for r in rows[0].tolist() if r >= 0])
             self.texts = {**self.texts, **{ref.row: ref.text for ref in found}}
         if self.mode == "fullkv":
-            used = sum(self.kv_store.kv[r][0].shape[1] for r in rows[0].tolist() if r >= 0)
-            cache = m.new_cache(1, len(_head(m)) + used + len(prompt) + n_decode)
-            n = self.kv_store.fill(cache, 0, rows[0].tolist()) + len(prompt)
+            row = rows[0].tolist()
+            cache = m.new_cache(1, self.kv_store.length(row) + len(prompt) + n_decode)
+            n = self.kv_store.fill(cache, 0, row) + len(prompt)
             tokens, memories = torch.tensor([prompt], device=m.device), None
         else:
             ids = self._context(rows[0].tolist()) + prompt
@@ -237,35 +287,57 @@ class Answerer:
 
 
 def time_methods(answerers: dict[str, Answerer], questions: Sequence[Question], retriever, n_decode: int,
-                 repeats: int = 1) -> dict[str, dict]:
+                 repeats: int = 1, decode_questions: int | None = None) -> dict[str, dict]:
     """Per method name: medians over questions x repeats of time to first token (ms; the
-    shared retrieval + the method's own part), its parts, and decode tokens/s (module
-    docstring: one retrieval per question, methods interleaved in a rotated order)."""
+    shared retrieval + the method's own part), its parts, decode tokens/s (over the first
+    ``decode_questions`` questions, default all: decoding is ~10x a first token, and the
+    paired TTFT comparison wants many questions), and ``own_ms``: per question, the own
+    part of each repeat (demo_stats pairs two methods' on the same questions).
+
+    Module docstring: one retrieval per question (timed), then ``repeats`` rounds of every
+    method from those rows, in an order that rotates every round; one untimed round first."""
     if not answerers or not questions or repeats < 1:
         raise ValueError("time_methods needs answerers, questions and repeats >= 1")
     names = list(answerers)
     k = max(a.k for a in answerers.values())
     tokenizer = next(iter(answerers.values())).tokenizer
-    runs: dict[str, list[tuple[float, float, float]]] = {n: [] for n in names}
-    warm = True  # one untimed pass first
-    for j, q in enumerate([questions[0]] + [q for _ in range(repeats) for q in questions]):
+    n_dec_q = len(questions) if decode_questions is None else decode_questions
+    own: dict[str, list[list[float]]] = {n: [] for n in names}
+    decode: dict[str, list[float]] = {n: [] for n in names}
+    t_rets: list[float] = []
+    turn = 0
+    for j, q in enumerate([questions[0]] + list(questions)):  # question 0 twice: the first, untimed, warms up
         rows, t_ret = torch.full((1, 0), -1, dtype=torch.long), 0.0
         if k:
             t0 = time.perf_counter()
             rows = retrieve(retriever, tokenizer, [q], k).rows
             t_ret = time.perf_counter() - t0
-        for name in names[j % len(names):] + names[:j % len(names)]:
-            a = answerers[name]
-            ttft, tok_s = a.time_question(q, rows, n_decode)
-            if not warm:
-                runs[name].append((t_ret if a.mode != "none" else 0.0, ttft, tok_s))
-        warm = False
+        timed = j > 0
+        steps = n_decode if timed and j - 1 < n_dec_q else 0
+        for name in names:
+            own[name].append([])
+        for _ in range(repeats if timed else 1):
+            for name in names[turn % len(names):] + names[:turn % len(names)]:
+                ttft, tok_s = answerers[name].time_question(q, rows, steps)
+                own[name][-1].append(ttft)
+                if steps:
+                    decode[name].append(tok_s)
+            turn += 1
+        if timed:
+            t_rets.append(t_ret)
+        else:
+            for name in names:
+                own[name].pop()
     out = {}
-    for name, r in runs.items():
-        out[name] = {"ttft_ms": 1e3 * statistics.median(x[0] + x[1] for x in r),
-                     "retrieval_ms": 1e3 * statistics.median(x[0] for x in r),
-                     "prefill_ms": 1e3 * statistics.median(x[1] for x in r),
-                     "decode_tok_s": statistics.median(x[2] for x in r), "timed_questions": len(r)}
+    for name in names:
+        ret = t_rets if answerers[name].mode != "none" else [0.0] * len(t_rets)
+        parts = [(r, t) for r, ts in zip(ret, own[name]) for t in ts]
+        out[name] = {"ttft_ms": 1e3 * statistics.median(r + t for r, t in parts),
+                     "retrieval_ms": 1e3 * statistics.median(r for r, _ in parts),
+                     "prefill_ms": 1e3 * statistics.median(t for _, t in parts),
+                     "decode_tok_s": statistics.median(decode[name]) if decode[name] else float("nan"),
+                     "timed_questions": len(t_rets), "repeats": repeats,
+                     "own_ms": [[round(1e3 * t, 4) for t in ts] for ts in own[name]]}
     return out
 
 
