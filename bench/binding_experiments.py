@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from memory3.memory.encoder import encode_references
 from memory3.model import Memories, Memory3Config, Memory3Model
@@ -44,7 +45,8 @@ from memory3.train.evaluate import exact_match
 from memory3.train.init import init_for_training
 from memory3.train.synthetic import ATTRIBUTES, SyntheticConfig, SyntheticKnowledgeBase
 from memory3.train.tasks import IGNORE, Batch, SyntheticRecipe, SyntheticTask, n_chunks, pad_rows
-from memory3.train.trainer import Trainer
+from memory3.train.trainer import LossModel, Trainer
+from memory3.model.transformer import apply_rope, rope_cos_sin
 
 DEMO_RECIPE = {"curriculum_start": 0.4, "curriculum_frac": 0.2}  # demo.py's parallel recipe
 SETTINGS: dict[str, dict] = {
@@ -57,6 +59,10 @@ SETTINGS: dict[str, dict] = {
     "bind1-early-off": dict(curriculum_start=0.1, curriculum_frac=0.1, bind_supervision=1.0, bind_until=0.6),
     "bind1-both": dict(DEMO_RECIPE, bind_supervision=1.0, bind_layers=(0, 1)),
     "bind1-2mem": dict(curriculum_start=0.1, curriculum_frac=0.0, max_memories=2, bind_supervision=1.0),
+    # (a') both steps of the composition supervised: layer 0 moves the name (NameMoverLoss)
+    "names": dict(DEMO_RECIPE, name_mover=1.0),
+    "names-bind1": dict(DEMO_RECIPE, name_mover=1.0, bind_supervision=1.0),
+    "names-bind1-early": dict(curriculum_start=0.1, curriculum_frac=0.1, name_mover=1.0, bind_supervision=1.0),
     # (b) associative recall (MQAR-like, in context) before the demo recipe
     "mqar": dict(DEMO_RECIPE, mqar_steps=1000),
     "mqar-bind1": dict(DEMO_RECIPE, mqar_steps=1000, bind_supervision=1.0),
@@ -94,6 +100,81 @@ class AssociativeRecallTask:
     def batch(self, step: int, micro: int) -> Batch:
         samples = [self.sample(step, micro * self.micro_batch + i) for i in range(self.micro_batch)]
         return Batch(pad_rows([s[0] for s in samples], self.config.pad_id), pad_rows([s[1] for s in samples], IGNORE))
+
+
+class NameMoverLoss(LossModel):
+    """LossModel plus the first step of the binding composition, supervised: in layer 0,
+    every reference token after the person's first name, and every answer position of the
+    context, should attend to name tokens (share of the causal softmax on keys whose token is
+    a name; all names in a reference or a question's context are the right person's). Adds
+    ``weight`` x -log share, mean over heads, summed over the answer positions (the reference
+    side averaged per reference and scaled to the same count)."""
+
+    def __init__(self, model, bind_layers, name_ids: Tensor, weight: float) -> None:
+        super().__init__(model, bind_layers)
+        self.name_ids, self.weight, self.log = name_ids, weight, []
+
+    def _share(self, q: Tensor, k: Tensor, positions: Tensor, is_name: Tensor, queries: Tensor) -> Tensor:
+        """-log share on name keys, mean over heads, per query [n]: q [B, T, Hq*D], k [B, T, Hkv*D]
+        pre-RoPE, positions [B, T], is_name [B, T] keys, queries [B, T] bool."""
+        c = self.model.config
+        B, T = is_name.shape
+        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_base, torch.float32)
+        q = apply_rope(q.float().view(B, T, c.n_heads, c.head_dim), cos, sin)
+        k = apply_rope(k.float().view(B, T, c.n_kv_heads, c.head_dim), cos, sin)
+        k = k.repeat_interleave(c.n_heads // c.n_kv_heads, dim=2)
+        logits = torch.einsum("bihd,bjhd->bhij", q, k) * c.head_dim ** -0.5
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        logits = logits.masked_fill(~causal, float("-inf"))
+        logp = logits.log_softmax(-1)
+        # finite fill: a row without any name key (not a query) must not give NaN gradients
+        named = logp.masked_fill(~is_name[:, None, None, :], -1e30).logsumexp(-1)  # [B, H, T]
+        return -named.permute(0, 2, 1)[queries].mean(-1)
+
+    def forward(self, tokens, targets, refs=None, ref_lens=None, mem_ids=None, right=None, bind_weight=0.0):
+        attn = self.model.layers[0].attention
+        calls = {"q": [], "k": []}
+        hooks = [attn.wq.register_forward_hook(lambda _m, _i, out: calls["q"].append(out)),
+                 attn.wk.register_forward_hook(lambda _m, _i, out: calls["k"].append(out))]
+        try:
+            objective = super().forward(tokens, targets, refs, ref_lens, mem_ids, right, bind_weight)
+        finally:
+            for h in hooks:
+                h.remove()
+        if refs is None or not self.weight:
+            return objective
+        c = self.model.config
+        names = self.name_ids.to(tokens.device)
+        # the reference side (the encoder's call came first): [prefix, ref tokens]
+        seq = torch.cat([torch.tensor(c.prefix_ids, device=refs.device).expand(len(refs), -1), refs], dim=1)
+        S = seq.shape[1]
+        is_name = torch.isin(seq, names)
+        valid = torch.arange(S, device=seq.device)[None] < (ref_lens[:, None] + c.prefix_len)
+        seen_name = is_name.cumsum(1) > 0
+        ref_queries = valid & ~is_name & seen_name
+        ref_loss = self._share(calls["q"][0], calls["k"][0], torch.arange(S, device=seq.device).expand(len(refs), -1),
+                               is_name, ref_queries)
+        # the context side: the answer positions
+        B, T = tokens.shape
+        index = torch.arange(T, device=tokens.device).expand(B, T)
+        where = targets != IGNORE
+        ctx_loss = self._share(calls["q"][1], calls["k"][1], index + c.context_offset * (index >= c.prefix_len),
+                               torch.isin(tokens, names), where)
+        n = int(where.sum())
+        aux = ctx_loss.sum() + ref_loss.mean() * n
+        self.log.append([(-ctx_loss).exp().mean().item(), (-ref_loss).exp().mean().item()])
+        return objective + self.weight * aux
+
+
+def name_token_ids(tokenizer: Memory3Tokenizer, kb: SyntheticKnowledgeBase) -> Tensor:
+    """Ids of the one-token names of the pool, with and without a leading space."""
+    ids = set()
+    for name in kb.first_names:
+        for text in (name, " " + name):
+            got = tokenizer.encode(text)
+            if len(got) == 1:
+                ids.add(got[0])
+    return torch.tensor(sorted(ids))
 
 
 @torch.no_grad()
@@ -155,6 +236,7 @@ def run(setting: str, steps: int, out: Path, eval_people: int, seed: int) -> dic
     model = init_for_training(Memory3Model(config), seed=seed)
     overrides = dict(SETTINGS[setting])
     mqar_steps = overrides.pop("mqar_steps", 0)
+    name_mover = overrides.pop("name_mover", 0.0)
     run_dir = out / "runs" / f"{setting}-{steps}"
     loads, t0 = [os.getloadavg()[0]], time.perf_counter()
     if mqar_steps:
@@ -170,6 +252,9 @@ def run(setting: str, steps: int, out: Path, eval_people: int, seed: int) -> dic
     trainer = Trainer(model, lambda r, w, m: SyntheticTask(kb, tok, config, recipe=recipe, total_steps=steps,
                                                             micro_batch=m, seed=seed, rank=r, world_size=w),
                       tc, run_dir / "main", resume=False)
+    if name_mover:
+        trainer.loss_model = trainer.inner_loss = NameMoverLoss(trainer.model, trainer.bind_layers,
+                                                                name_token_ids(tok, kb), name_mover)
     trainer.fit()
     minutes = (time.perf_counter() - t0) / 60
     loads.append(os.getloadavg()[0])
@@ -192,6 +277,9 @@ def run(setting: str, steps: int, out: Path, eval_people: int, seed: int) -> dic
     if R == 2:
         result["acc_2"] = exact_match(model, tok, kb, people, mode="memory", n_refs=2, seed=seed)
         result["share_2"] = right_memory_share(model, tok, kb, people, 2, seed)
+    if name_mover:
+        log = trainer.inner_loss.log
+        result["train_name_share"] = [[round(a, 3), round(b, 3)] for a, b in log[::max(1, len(log) // 40)]]
     if mqar_steps:
         result["mqar_steps"], result["mqar_tail_loss"] = mqar_steps, mqar_tail
     return result
