@@ -109,8 +109,9 @@ def main() -> None:
             r = measure(name, kb, tok, args.questions, args.repeats, Path(tmp))
             o = r["own_ms"]
             ci = lambda key: f"{r[key]['median']:+.3f} [{r[key]['lo']:+.3f}, {r[key]['hi']:+.3f}]"  # noqa: E731
-            print(f"| {name} | {r['parameters'] / 1e6:.1f}M | {o['none']:.2f} | {o['memory_1']:.2f} / {o['memory_5']:.2f} "
-                  f"| {o['rag_1']:.2f} / {o['rag_5']:.2f} | {o['fullkv_1']:.2f} / {o['fullkv_5']:.2f} | "
+            print(f"| {name} | {r['parameters'] / 1e6:.1f}M | {o['none']:.2f} | "
+                  f"{o['memory_1']:.2f} / {o['memory_5']:.2f} | {o['rag_1']:.2f} / {o['rag_5']:.2f} | "
+                  f"{o['fullkv_1']:.2f} / {o['fullkv_5']:.2f} | "
                   f"{ci('memory_1-fullkv')} | {ci('memory_5-fullkv')} | {ci('memory_1-rag')} | {ci('memory_5-rag')} |",
                   flush=True)
 
