@@ -61,7 +61,9 @@ SETTINGS: dict[str, dict] = {
     "bind1-2mem": dict(curriculum_start=0.1, curriculum_frac=0.0, max_memories=2, bind_supervision=1.0),
     # (a') both steps of the composition supervised: layer 0 moves the name (NameMoverLoss)
     "names": dict(DEMO_RECIPE, name_mover=1.0),
-    "names-bind1": dict(DEMO_RECIPE, name_mover=1.0, bind_supervision=1.0),
+    "names-bind1": dict(DEMO_RECIPE, name_mover=1.0, bind_supervision=1.0, name_heads=None),
+    "name-head-bind1": dict(DEMO_RECIPE, name_mover=1.0, bind_supervision=1.0),  # layer 0's head 0 only
+    "name-ctx-bind1": dict(DEMO_RECIPE, name_mover=1.0, bind_supervision=1.0, name_sides=("ctx",)),
     "names-bind1-early": dict(curriculum_start=0.1, curriculum_frac=0.1, name_mover=1.0, bind_supervision=1.0),
     # (b) associative recall (MQAR-like, in context) before the demo recipe
     "mqar": dict(DEMO_RECIPE, mqar_steps=1000),
@@ -103,16 +105,19 @@ class AssociativeRecallTask:
 
 
 class NameMoverLoss(LossModel):
-    """LossModel plus the first step of the binding composition, supervised: in layer 0,
-    every reference token after the person's first name, and every answer position of the
-    context, should attend to name tokens (share of the causal softmax on keys whose token is
+    """LossModel plus the first step of the binding composition, supervised: in layer 0
+    (query heads ``heads``, default head 0 alone, so the other heads stay free to move the
+    question's attribute), every reference token after the person's first name, and every
+    answer position of the context, should attend to name tokens (share of the causal softmax on keys whose token is
     a name; all names in a reference or a question's context are the right person's). Adds
     ``weight`` x -log share, mean over heads, summed over the answer positions (the reference
     side averaged per reference and scaled to the same count)."""
 
-    def __init__(self, model, bind_layers, name_ids: Tensor, weight: float) -> None:
+    def __init__(self, model, bind_layers, name_ids: Tensor, weight: float, heads=(0,), sides=("ctx", "ref")) -> None:
         super().__init__(model, bind_layers)
+        self.sides = sides
         self.name_ids, self.weight, self.log = name_ids, weight, []
+        self.heads = list(range(model.config.n_heads)) if heads is None else list(heads)
 
     def _share(self, q: Tensor, k: Tensor, positions: Tensor, is_name: Tensor, queries: Tensor) -> Tensor:
         """-log share on name keys, mean over heads, per query [n]: q [B, T, Hq*D], k [B, T, Hkv*D]
@@ -129,7 +134,7 @@ class NameMoverLoss(LossModel):
         logp = logits.log_softmax(-1)
         # finite fill: a row without any name key (not a query) must not give NaN gradients
         named = logp.masked_fill(~is_name[:, None, None, :], -1e30).logsumexp(-1)  # [B, H, T]
-        return -named.permute(0, 2, 1)[queries].mean(-1)
+        return -named[:, self.heads].permute(0, 2, 1)[queries].mean(-1)
 
     def forward(self, tokens, targets, refs=None, ref_lens=None, mem_ids=None, right=None, bind_weight=0.0):
         attn = self.model.layers[0].attention
@@ -161,9 +166,22 @@ class NameMoverLoss(LossModel):
         ctx_loss = self._share(calls["q"][1], calls["k"][1], index + c.context_offset * (index >= c.prefix_len),
                                torch.isin(tokens, names), where)
         n = int(where.sum())
-        aux = ctx_loss.sum() + ref_loss.mean() * n
+        aux = ctx_loss.sum() * ("ctx" in self.sides) + ref_loss.mean() * n * ("ref" in self.sides)
         self.log.append([(-ctx_loss).exp().mean().item(), (-ref_loss).exp().mean().item()])
         return objective + self.weight * aux
+
+
+class LoggingTrainer(Trainer):
+    """Prints a line every 50 steps (loss, right-memory share, name shares) for watching a run."""
+
+    def train_step(self, step: int) -> dict:
+        record = super().train_step(step)
+        if step % 50 == 0 or step == self.config.steps - 1:
+            extra = getattr(self.inner_loss, "log", None)
+            print(f"step {step} loss {record['loss']:.3f} memory {record['memory']} "
+                  f"right_share {record.get('right_share', float('nan')):.3f}"
+                  + (f" name_share ctx/ref {extra[-1]}" if extra else ""), file=sys.stderr, flush=True)
+        return record
 
 
 def name_token_ids(tokenizer: Memory3Tokenizer, kb: SyntheticKnowledgeBase) -> Tensor:
@@ -237,6 +255,8 @@ def run(setting: str, steps: int, out: Path, eval_people: int, seed: int) -> dic
     overrides = dict(SETTINGS[setting])
     mqar_steps = overrides.pop("mqar_steps", 0)
     name_mover = overrides.pop("name_mover", 0.0)
+    name_heads = overrides.pop("name_heads", (0,))
+    name_sides = overrides.pop("name_sides", ("ctx", "ref"))
     run_dir = out / "runs" / f"{setting}-{steps}"
     loads, t0 = [os.getloadavg()[0]], time.perf_counter()
     if mqar_steps:
@@ -249,12 +269,13 @@ def run(setting: str, steps: int, out: Path, eval_people: int, seed: int) -> dic
     tc = TrainConfig.recipe_defaults("single-stage", steps=steps, batch_size=sizes.batch_size, seed=seed,
                                      **overrides)
     recipe = SyntheticRecipe.from_config(tc)
-    trainer = Trainer(model, lambda r, w, m: SyntheticTask(kb, tok, config, recipe=recipe, total_steps=steps,
-                                                            micro_batch=m, seed=seed, rank=r, world_size=w),
-                      tc, run_dir / "main", resume=False)
+    trainer = LoggingTrainer(model, lambda r, w, m: SyntheticTask(kb, tok, config, recipe=recipe, total_steps=steps,
+                                                                   micro_batch=m, seed=seed, rank=r, world_size=w),
+                             tc, run_dir / "main", resume=False)
     if name_mover:
         trainer.loss_model = trainer.inner_loss = NameMoverLoss(trainer.model, trainer.bind_layers,
-                                                                name_token_ids(tok, kb), name_mover)
+                                                                name_token_ids(tok, kb), name_mover, name_heads,
+                                                                name_sides)
     trainer.fit()
     minutes = (time.perf_counter() - t0) / 60
     loads.append(os.getloadavg()[0])
