@@ -412,3 +412,37 @@ def test_ttft_target_is_met_only_when_both_paired_intervals_are_below_zero():
     checks = [t for t in targets(results, rows_of(results), paired) if "time to first token" in t["target"]]
     assert [(t["target"][:8], t["met"]) for t in checks] == [("parallel", True), ("parallel", True),
                                                             ("ranked: ", False), ("ranked: ", False)]
+
+
+def test_timed_first_token_is_the_answer_logits_of_every_mode(tmp_path):
+    """What time_question times (head from the prefix cache, bank rows in place, stored
+    key-values from the memory-mapped store) ends in the logits the scored pass gives at the
+    prompt's last token, in every mode and both layouts."""
+    from memory3.memory.bank import Bank
+    from memory3.memory.encoder import encode_texts
+    from memory3.memory.manifest import MemoryShape
+    from memory3.train.synthetic import Question
+
+    tok = Memory3Tokenizer.byte_level()
+    texts = ["Kalomi was born in Oslo .", "Bero worked for Acme .", "Tina studied at Yale ."]
+    q = Question("a", "city", "Q: where was Kalomi born ? A:", "Oslo")
+    prompt = tok.encode(" " + q.prompt)
+    rows = torch.tensor([[2, 0, 1]])
+    for layout in ("parallel", "ranked"):
+        c = Memory3Config.preset("tiny", memory_positions=layout)
+        model = init_for_training(Memory3Model(c), seed=7).eval()
+        bank = Bank.create(tmp_path / layout, shape=MemoryShape(c.n_memory_layers, c.n_kv_heads, c.memory_tokens,
+                                                                c.head_dim), fingerprint=model.fingerprint(),
+                           codec="int8", device="cpu", dtype=torch.float32)
+        bank.append(["a", "b", "c"], texts, encode_texts(model, tok, texts, progress=False).float())
+        store = FullKVStore(model, tok, dtype=torch.float32)
+        store.add([0, 1, 2], texts)
+        store.save(tmp_path / f"kv-{layout}")
+        for mode, k in (("none", 0), ("memory", 1), ("memory", 3), ("rag", 3), ("fullkv", 3)):
+            a = Answerer(model, tok, mode, k, bank=bank, texts=dict(enumerate(texts)), kv_store=store)
+            a.time_question(q, rows, 2)
+            with torch.inference_mode():
+                want, starts = a.logits(rows, [prompt])
+            torch.testing.assert_close(a.first_logits, want[0, starts[0] + len(prompt) - 1], atol=1e-4, rtol=1e-4,
+                                       msg=f"{layout} {mode} top-{k}")
+        bank.close()
