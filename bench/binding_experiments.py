@@ -64,6 +64,9 @@ SETTINGS: dict[str, dict] = {
     "names-bind1": dict(DEMO_RECIPE, name_mover=1.0, bind_supervision=1.0, name_heads=None),
     "name-head-bind1": dict(DEMO_RECIPE, name_mover=1.0, bind_supervision=1.0),  # layer 0's head 0 only
     "name-ctx-bind1": dict(DEMO_RECIPE, name_mover=1.0, bind_supervision=1.0, name_sides=("ctx",)),
+    # the reference side from attribute-value tokens only (every token attending to names made
+    # names the most-attended tokens, which the encoder's top-8 then keeps instead of values)
+    "name-values-bind1": dict(DEMO_RECIPE, name_mover=1.0, bind_supervision=1.0, name_sides=("ctx", "values")),
     "names-bind1-early": dict(curriculum_start=0.1, curriculum_frac=0.1, name_mover=1.0, bind_supervision=1.0),
     # (b) associative recall (MQAR-like, in context) before the demo recipe
     "mqar": dict(DEMO_RECIPE, mqar_steps=1000),
@@ -113,9 +116,10 @@ class NameMoverLoss(LossModel):
     ``weight`` x -log share, mean over heads, summed over the answer positions (the reference
     side averaged per reference and scaled to the same count)."""
 
-    def __init__(self, model, bind_layers, name_ids: Tensor, weight: float, heads=(0,), sides=("ctx", "ref")) -> None:
+    def __init__(self, model, bind_layers, name_ids: Tensor, weight: float, heads=(0,), sides=("ctx", "ref"),
+                 value_ids: Tensor | None = None) -> None:
         super().__init__(model, bind_layers)
-        self.sides = sides
+        self.sides, self.value_ids = sides, value_ids
         self.name_ids, self.weight, self.log = name_ids, weight, []
         self.heads = list(range(model.config.n_heads)) if heads is None else list(heads)
 
@@ -157,6 +161,8 @@ class NameMoverLoss(LossModel):
         valid = torch.arange(S, device=seq.device)[None] < (ref_lens[:, None] + c.prefix_len)
         seen_name = is_name.cumsum(1) > 0
         ref_queries = valid & ~is_name & seen_name
+        if "values" in self.sides:  # only the attribute values move the name
+            ref_queries &= torch.isin(seq, self.value_ids.to(seq.device))
         ref_loss = self._share(calls["q"][0], calls["k"][0], torch.arange(S, device=seq.device).expand(len(refs), -1),
                                is_name, ref_queries)
         # the context side: the answer positions
@@ -166,7 +172,7 @@ class NameMoverLoss(LossModel):
         ctx_loss = self._share(calls["q"][1], calls["k"][1], index + c.context_offset * (index >= c.prefix_len),
                                torch.isin(tokens, names), where)
         n = int(where.sum())
-        aux = ctx_loss.sum() * ("ctx" in self.sides) + ref_loss.mean() * n * ("ref" in self.sides)
+        aux = ctx_loss.sum() * ("ctx" in self.sides) + ref_loss.mean() * n * ("ref" in self.sides or "values" in self.sides)
         self.log.append([(-ctx_loss).exp().mean().item(), (-ref_loss).exp().mean().item()])
         return objective + self.weight * aux
 
@@ -182,6 +188,11 @@ class LoggingTrainer(Trainer):
                   f"right_share {record.get('right_share', float('nan')):.3f}"
                   + (f" name_share ctx/ref {extra[-1]}" if extra else ""), file=sys.stderr, flush=True)
         return record
+
+
+def value_token_ids(tokenizer: Memory3Tokenizer) -> Tensor:
+    """Ids of the attribute values as they follow a word in a biography (one token each)."""
+    return torch.tensor(sorted({tokenizer.encode(" " + v)[0] for a in ATTRIBUTES for v in a.values}))
 
 
 def name_token_ids(tokenizer: Memory3Tokenizer, kb: SyntheticKnowledgeBase) -> Tensor:
@@ -275,7 +286,7 @@ def run(setting: str, steps: int, out: Path, eval_people: int, seed: int) -> dic
     if name_mover:
         trainer.loss_model = trainer.inner_loss = NameMoverLoss(trainer.model, trainer.bind_layers,
                                                                 name_token_ids(tok, kb), name_mover, name_heads,
-                                                                name_sides)
+                                                                name_sides, value_token_ids(tok))
     trainer.fit()
     minutes = (time.perf_counter() - t0) / 60
     loads.append(os.getloadavg()[0])
