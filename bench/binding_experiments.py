@@ -67,6 +67,9 @@ SETTINGS: dict[str, dict] = {
     # the reference side from attribute-value tokens only (every token attending to names made
     # names the most-attended tokens, which the encoder's top-8 then keeps instead of values)
     "name-values-bind1": dict(DEMO_RECIPE, name_mover=1.0, bind_supervision=1.0, name_sides=("ctx", "values")),
+    # the same with every reference token kept (k=32): is top-8 crowding what stops the reading?
+    "name-values-bind1-k32": dict(DEMO_RECIPE, name_mover=1.0, bind_supervision=1.0, name_sides=("ctx", "values"),
+                                  memory_tokens=32),
     "names-bind1-early": dict(curriculum_start=0.1, curriculum_frac=0.1, name_mover=1.0, bind_supervision=1.0),
     # (b) associative recall (MQAR-like, in context) before the demo recipe
     "mqar": dict(DEMO_RECIPE, mqar_steps=1000),
@@ -261,9 +264,9 @@ def run(setting: str, steps: int, out: Path, eval_people: int, seed: int) -> dic
     kb = SyntheticKnowledgeBase(SyntheticConfig(n_train=sizes.n_train, n_heldout=sizes.n_heldout,
                                                 n_names=sizes.n_names, seed=seed))
     tok = tokenizer_for(out, kb, sizes)
-    config = Memory3Config(vocab_size=tok.vocab_size, **sizes.small)
-    model = init_for_training(Memory3Model(config), seed=seed)
     overrides = dict(SETTINGS[setting])
+    config = Memory3Config(vocab_size=tok.vocab_size, memory_tokens=overrides.pop("memory_tokens", 8), **sizes.small)
+    model = init_for_training(Memory3Model(config), seed=seed)
     mqar_steps = overrides.pop("mqar_steps", 0)
     name_mover = overrides.pop("name_mover", 0.0)
     name_heads = overrides.pop("name_heads", (0,))
