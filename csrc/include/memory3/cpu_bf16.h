@@ -42,45 +42,6 @@ M3_ALWAYS_INLINE VecBf load_bf16_head(const bf16_t* p, int n) {
 M3_ALWAYS_INLINE VecF dot_bf16(VecF acc, VecBf a, VecBf b) {
   return __builtin_ia32_dpbf16ps_v16sf(acc, (__m512bh)a, (__m512bh)b);
 }
-
-// C[Rows x NV*16] = A[Rows x 2K] B[2K x NV*16]: A's rows bf16 (lda apart), each pair of
-// columns broadcast as one 32-bit word; B as K rows of column pairs, B(2k + e, n) at
-// B[(k * ldb + n) * 2 + e] (the layout vdpbf16ps multiplies).
-template <int Rows, int NV>
-M3_ALWAYS_INLINE void gemm_bf16_micro(float* __restrict C, int ldc, const bf16_t* __restrict A, int64_t lda,
-                                      const bf16_t* __restrict B, int ldb, int K) {
-  VecF acc[Rows][NV] = {};
-  for (int k = 0; k < K; ++k) {
-    VecBf b[NV];
-    for (int c = 0; c < NV; ++c) b[c] = load_bf16(B + (int64_t(k) * ldb + c * 16) * 2);
-    for (int r = 0; r < Rows; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, A + r * lda + 2 * k, sizeof(pair));
-      const VecBf a = (VecBf)(VecI{} + pair);
-      for (int c = 0; c < NV; ++c) acc[r][c] = dot_bf16(acc[r][c], a, b[c]);
-    }
-  }
-  for (int r = 0; r < Rows; ++r)
-    for (int c = 0; c < NV; ++c) std::memcpy(C + r * ldc + c * 16, &acc[r][c], sizeof(VecF));
-}
-
-template <int Rows>
-M3_ALWAYS_INLINE void gemm_bf16_rows(float* C, int ldc, const bf16_t* A, int64_t lda, const bf16_t* B, int ldb,
-                                     int N, int K) {
-  int j = 0;
-  for (; j + 32 <= N; j += 32) gemm_bf16_micro<Rows, 2>(C + j, ldc, A, lda, B + 2 * j, ldb, K);
-  if (j < N) gemm_bf16_micro<Rows, 1>(C + j, ldc, A, lda, B + 2 * j, ldb, K);
-}
-
-// C[M x N] = A[M x 2K] B[2K x N] (layouts of gemm_bf16_micro), N % 16 == 0, any M; A's
-// rows are read up to column 2K exactly.
-M3_ALWAYS_INLINE void gemm_bf16(float* C, int ldc, const bf16_t* A, int64_t lda, const bf16_t* B, int ldb, int M,
-                                int N, int K) {
-  int i = 0;
-  for (; i + 8 <= M; i += 8) gemm_bf16_rows<8>(C + int64_t(i) * ldc, ldc, A + i * lda, lda, B, ldb, N, K);
-  for (; i + 4 <= M; i += 4) gemm_bf16_rows<4>(C + int64_t(i) * ldc, ldc, A + i * lda, lda, B, ldb, N, K);
-  for (; i < M; ++i) gemm_bf16_rows<1>(C + int64_t(i) * ldc, ldc, A + i * lda, lda, B, ldb, N, K);
-}
 #endif
 
 }  // namespace memory3::cpu

@@ -43,9 +43,10 @@ constexpr int kRowTarget = 64;  // query rows (queries x group heads) per work i
 
 // One thread's view of a call: scratch tiles plus the per-item passes. T is the dtype of
 // q/k/v, MT that of the bank (T or int8_t), Acc the accumulation type. kDotBf16: bf16 inputs
-// whose context scores Q K^T run on the CPU's bf16 dot-product unit (vdpbf16ps: products of
-// two bf16 are exact in float, accumulated in float); only instantiated inside a worker
-// compiled for AVX512-BF16 (M3_CPU_BF16_TARGET) and called when the CPU has it.
+// whose decode scores q . k of the context run on the CPU's bf16 dot-product unit
+// (vdpbf16ps: products of two bf16 are exact in float, summed in float), K read as bf16 in
+// place; only instantiated inside a worker compiled for AVX512-BF16 (M3_CPU_BF16_TARGET)
+// and called when the CPU has it.
 template <typename T, typename MT, typename Acc, bool kDotBf16 = false>
 class MemoryAttentionCpu {
   static_assert(!kDotBf16 || (std::is_same_v<T, bf16_t> && std::is_same_v<Acc, float>));
@@ -74,7 +75,6 @@ class MemoryAttentionCpu {
     tile(zrow_, size_t(Dp_));
     if constexpr (kDotBf16) {
       qh_.assign(size_t(DR_) * Dh_, bf16_t{0});
-      qth_.assign(size_t(round_up(p.D, 2)) * RQ_, bf16_t{0});
       zrowh_.assign(size_t(Dh_), bf16_t{0});
     }
     m_.assign(rows, Acc(0));
@@ -124,17 +124,6 @@ class MemoryAttentionCpu {
       const int n = std::min(kKeyBlock, p_last + 1 - j0);
       const Acc *K, *V;
       int ldk, ldv;
-      if (kDotBf16 && p_.D % 2 == 0) {  // K read in place as bf16 pairs, V converted
-        const T* k = static_cast<const T*>(p_.k) + b * p_.k_stride_b + kvh * p_.k_stride_h + j0 * p_.k_stride_s;
-        const T* v = static_cast<const T*>(p_.v) + b * p_.v_stride_b + kvh * p_.v_stride_h + j0 * p_.v_stride_s;
-        for (int jj = kKeyBlock; jj < kKeyBlock + n && j0 + jj < p_.S; ++jj) {
-          prefetch_row(k + jj * p_.k_stride_s);
-          prefetch_row(v + jj * p_.v_stride_s);
-        }
-        for (int jj = 0; jj < n; ++jj) pack_row(vn_.data() + jj * Dp_, v + jj * p_.v_stride_s, Acc(1));
-        attend_block_bf16(k, p_.k_stride_s, vn_.data(), Dp_, n, std::max(0, j0 - pbase) * G_, rows, pbase, j0);
-        continue;
-      }
       context_rows(b, kvh, j0, n, /*k_as_columns=*/false, K, ldk, V, ldv);
       attend_block(K, ldk, V, ldv, n, std::max(0, j0 - pbase) * G_, rows, pbase, j0);
     }
@@ -290,29 +279,8 @@ class MemoryAttentionCpu {
                                      int pbase, int causal_j0) {
     const int ca = row_lo / NR * NR, cb = round_up(row_end, NR);
     gemm<Acc>(st_.data() + ca, RQ_, K, ldk, 1, qt_.data() + ca, RQ_, n, cb - ca, p_.D, false);
-    softmax_pv(V, ldv, n, row_lo, row_end, pbase, causal_j0, Acc(1));
-  }
-
-  // The same with bf16 K rows (even D) read in place by the bf16 dot-product unit against the
-  // raw bf16 queries qth_; the scale multiplies the float scores.
-  M3_ALWAYS_INLINE void attend_block_bf16(const T* K, int64_t ldk, const Acc* V, int ldv, int n, int row_lo,
-                                          int row_end, int pbase, int causal_j0) {
-#if M3_CPU_BF16_DOT
-    if constexpr (kDotBf16) {
-      const int ca = row_lo / NR * NR, cb = round_up(row_end, NR);
-      gemm_bf16(st_.data() + ca, RQ_, K, ldk, qth_.data() + 2 * ca, RQ_, n, cb - ca, p_.D / 2);
-      softmax_pv(V, ldv, n, row_lo, row_end, pbase, causal_j0, Acc(p_.scale));
-    }
-#endif
-  }
-
-  // S^T (times mul) of keys [0, n) in st_: the online softmax down the columns of rows
-  // [row_lo, row_end), then O += P V.
-  M3_ALWAYS_INLINE void softmax_pv(const Acc* V, int ldv, int n, int row_lo, int row_end, int pbase, int causal_j0,
-                                   Acc mul) {
-    const int ca = row_lo / NR * NR, cb = round_up(row_end, NR);
     set_limits(ca, cb, row_lo, row_end, pbase, n, causal_j0);
-    online_softmax_columns(ca, cb, n, mul);
+    online_softmax_columns(ca, cb, n);
     for (int r = ca; r < cb; ++r)
       if (alpha_[r] != Acc(1)) {
         Acc* o = o_.data() + r * Dp_;
@@ -330,9 +298,9 @@ class MemoryAttentionCpu {
     }
   }
 
-  // st_ columns [ca, cb), keys [0, n): scores (times mul) in, probabilities out; m_, l_
-  // updated and alpha_ = the factor the rows' O must be scaled by.
-  M3_ALWAYS_INLINE void online_softmax_columns(int ca, int cb, int n, Acc mul) {
+  // st_ columns [ca, cb), keys [0, n): scores in, probabilities out; m_, l_ updated and
+  // alpha_ = the factor the rows' O must be scaled by.
+  M3_ALWAYS_INLINE void online_softmax_columns(int ca, int cb, int n) {
     constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
     if constexpr (std::is_same_v<Acc, float>) {
       for (int c = ca; c < cb; c += kVecF) {
@@ -344,7 +312,7 @@ class MemoryAttentionCpu {
         VecF mx = neg_inf;
         for (int j = 0; j < n; ++j) {
           float* sp = st_.data() + j * RQ_ + c;
-          VecF s = load_vec(sp) * mul;
+          VecF s = load_vec(sp);
           s = (VecI{} + j) < lim ? s : neg_inf;
           store_vec(sp, s);
           mx = s > mx ? s : mx;
@@ -367,7 +335,7 @@ class MemoryAttentionCpu {
     } else {
       for (int c = ca; c < cb; ++c) {
         Acc mx = kNegInf;
-        for (int j = 0; j < lim_[c]; ++j) mx = std::max(mx, st_[j * RQ_ + c] *= mul);
+        for (int j = 0; j < lim_[c]; ++j) mx = std::max(mx, st_[j * RQ_ + c]);
         const Acc m_new = std::max(m_[c], mx), shift = m_new == kNegInf ? Acc(0) : m_new;
         Acc sum = 0;
         for (int j = 0; j < n; ++j) {
@@ -629,13 +597,8 @@ class MemoryAttentionCpu {
     for (int r = 0; r < rows; ++r) {
       const T* src = q + b * p_.q_stride_b + (i0 + r / G_) * p_.q_stride_t + (kvh * G_ + r % G_) * p_.q_stride_h;
       for (int d = 0; d < p_.D; ++d) dst[d * ld + r] = load_as<Acc>(src[d]) * scale;
-      if constexpr (kDotBf16)  // raw bf16 in column pairs: element (d, r) at ((d / 2) * RQ_ + r) * 2 + d % 2
-        for (int d = 0; d < p_.D; ++d) qth_[(int64_t(d / 2) * RQ_ + r) * 2 + d % 2] = src[d];
     }
     for (int d = 0; d < p_.D; ++d) std::fill(dst + d * ld + rows, dst + d * ld + RQ_, Acc(0));
-    if constexpr (kDotBf16)
-      for (int d2 = 0; d2 < (p_.D + 1) / 2; ++d2)
-        std::fill(qth_.begin() + (int64_t(d2) * RQ_ + rows) * 2, qth_.begin() + (int64_t(d2) + 1) * RQ_ * 2, bf16_t{0});
   }
 
   // Context keys [j0, j0 + n) of (b, kvh) as GEMM operands: rows of K and V in place when
@@ -718,7 +681,7 @@ class MemoryAttentionCpu {
   const int DR_, Dh_;                // decode: rows of every head (+ 4), bf16 row length
   std::vector<Acc> q_, qt_, o_, s_, st_, kn_, vn_, m_, l_, alpha_;  // forward tiles
   std::vector<Acc> zrow_;                                           // decode: zeros
-  std::vector<bf16_t> qh_, zrowh_, qth_;  // bf16 dot: decode q and zeros, Q^T in column pairs
+  std::vector<bf16_t> qh_, zrowh_;                                  // decode, bf16 dot: q, zeros
   std::vector<Acc> bq_, bdo_, bqt_, bdot_, blse_, bdelta_, dpt_, dk_, dv_;  // backward
   std::vector<int> lim_, slot_;
 };
