@@ -1,6 +1,6 @@
 """`memory3 demo`: explicit memory on a synthetic knowledge base, end to end, measured.
 
-    memory3 demo                    # 11-16 min measured on the shared 2-core CPU, report in ./memory3-demo
+    memory3 demo                    # ~495 CPU s (~8.5 min on a free core), report in ./memory3-demo
     memory3 demo --quick --out /tmp/d   # a short run (tests): every stage, tiny sizes
     memory3 demo --scale 8 --device cuda  # 8x the training steps (a GPU)
 
@@ -50,9 +50,9 @@ VARIANTS = ("parallel", "ranked")  # memory position layouts trained and compare
 
 @dataclass
 class DemoSizes:
-    """Every size of a demo run. ``default()`` on the 2-core CPU machine shared with other jobs
-    (2026-11-29, bench/RESULTS.md): 10 min 49 s with a load average of 2-4 while training, 16 min 9 s
-    with 5-8 (1 torch thread each time: no core was idle)."""
+    """Every size of a demo run. ``default()`` on the 2-core CPU machine (2026-11-29, third session,
+    bench/RESULTS.md): 495 CPU seconds at 1 torch thread (training 165 + 163 + 88, evaluation
+    25 + 25 + 5, banks 17), so ~8.5 min on a free core; 16 min wall with a load average of 6-9."""
     n_train: int = 1000
     n_heldout: int = 300
     n_names: int = 1500
@@ -367,9 +367,9 @@ def _mean(xs) -> float:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a short run with tiny sizes (tests; well under 2 minutes)")
     p.add_argument("--scale", type=float, default=1.0, metavar="N",
-                   help="multiply the training steps by N (default 1: 11-16 minutes measured on the 2-core CPU "
-                        "shared with other jobs; on a GPU, --scale 20 is the run to try for binding at parallel "
-                        "positions, untested)")
+                   help="multiply the training steps by N (default 1: ~495 CPU seconds, ~8.5 minutes on a free "
+                        "core of the 2-core CPU, 16 on one shared with other jobs; on a GPU, --scale 20 is the run "
+                        "to try for binding at parallel positions, untested)")
     p.add_argument("--out", default="./memory3-demo", metavar="DIR",
                    help="report folder (resumed when it holds finished stages); default ./memory3-demo")
     p.add_argument("--seed", type=int, default=0, help="knowledge base, initialisation and data seed")
