@@ -18,6 +18,12 @@ biography among random others, shuffled: independent of the retriever), as
 - the attention share on the right memory at the answer position (softmax over the memory
   keys, per memory layer and query head; 1/R = no preference), held-out, 5 shuffled.
 
+Settings (``--list``): the demo recipe alone; (a) `TrainConfig.bind_supervision` (attention on
+the right memory supervised in memory layer 1, `memory3/train/binding.py`); (a') the same plus
+`NameMoverLoss` here (layer 0 supervised to attend to name tokens: the first step of the
+binding composition); (b) an associative-recall pre-stage (`AssociativeRecallTask`) before the
+demo recipe. Results: bench/RESULTS.md, "Binding experiments, third session" (nothing binds).
+
 Each run prints one markdown row and writes ``<out>/<setting>-<steps>.json``. The knowledge
 base and BPE tokenizer are the demo's (seed 0), trained once into ``<out>/tokenizer.json``.
 """
