@@ -31,27 +31,27 @@ M3_CPU_MULTIVERSION void run_backward_pass(const PassArgs& a, WorkQueue& queue) 
   });
 }
 
-// Adds the per-slot memory grads [B, C, R, 2, Hkv, M, D] into g.dmem_k / g.dmem_v by id, one
-// KV head per task and the slots in a fixed order, so the result is deterministic.
+// Adds the per-slot memory grads [B, C, R, 2, Hkv, M, D] into g.dmem_k / g.dmem_v by id. The
+// threads split the elements of a bank row ([Hkv, M, D]); each element sums its slots in slot
+// order, so the result is the same at any thread count.
 template <typename Acc>
 void reduce_memory_grads(const at::Tensor& slots, const at::Tensor& mem_ids, const MemoryAttentionBwdParams& g) {
-  const int64_t B = slots.size(0), C = slots.size(1), R = slots.size(2), Hkv = slots.size(4);
-  const int64_t row = slots.size(5) * slots.size(6);
+  const int64_t n_slots = slots.size(0) * slots.size(1) * slots.size(2);
+  const int64_t row = slots.size(4) * slots.size(5) * slots.size(6);  // Hkv * M * D
   const Acc* src = slots.data_ptr<Acc>();
   const int32_t* ids = mem_ids.data_ptr<int32_t>();
   Acc* dk = static_cast<Acc*>(g.dmem_k);
   Acc* dv = static_cast<Acc*>(g.dmem_v);
-  at::parallel_for(0, Hkv, 1, [&](int64_t h0, int64_t h1) {
-    for (int64_t h = h0; h < h1; ++h)
-      for (int64_t slot = 0; slot < B * C * R; ++slot) {
-        const int64_t id = ids[slot];
-        if (id < 0) continue;
-        const Acc* gk = src + ((slot * 2 + 0) * Hkv + h) * row;
-        const Acc* gv = src + ((slot * 2 + 1) * Hkv + h) * row;
-        Acc* tk = dk + (id * Hkv + h) * row;
-        Acc* tv = dv + (id * Hkv + h) * row;
-        for (int64_t e = 0; e < row; ++e) tk[e] += gk[e], tv[e] += gv[e];
-      }
+  parallel_ranges(row, 1024, [&](int64_t e0, int64_t e1) {
+    for (int64_t slot = 0; slot < n_slots; ++slot) {
+      const int64_t id = ids[slot];
+      if (id < 0) continue;
+      const Acc* gk = src + slot * 2 * row;
+      const Acc* gv = gk + row;
+      Acc* tk = dk + id * row;
+      Acc* tv = dv + id * row;
+      for (int64_t e = e0; e < e1; ++e) tk[e] += gk[e], tv[e] += gv[e];
+    }
   });
 }
 
@@ -81,8 +81,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> memory_at
   at::Tensor dout_c = dout.contiguous(), out_c = out.contiguous(), lse_c = lse.contiguous();
   std::optional<at::Tensor> dlse_c = dlse ? std::optional<at::Tensor>(dlse->contiguous()) : std::nullopt;
   at::Tensor dq = at::empty({s.B, s.T, s.Hq, s.D}, q.options());
-  at::Tensor dk = at::zeros({s.B, s.S, s.Hkv, s.D}, q.options());
-  at::Tensor dv = at::zeros({s.B, s.S, s.Hkv, s.D}, q.options());
+  // Every row of dk, dv is written by the kernel (rows past kv_lens as zeros).
+  at::Tensor dk = at::empty({s.B, s.S, s.Hkv, s.D}, q.options());
+  at::Tensor dv = at::empty({s.B, s.S, s.Hkv, s.D}, q.options());
   at::Tensor slots, acc_k, acc_v;  // per-slot memory grads; the bank grads, in Acc
   if (mem_grad) {
     slots = at::zeros({s.B, s.C, s.R, 2, s.Hkv, s.M, s.D}, q.options().dtype(acc_type));
@@ -101,20 +102,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> memory_at
   g.dmem_k = mem_grad ? acc_k.data_ptr() : nullptr;
   g.dmem_v = mem_grad ? acc_v.data_ptr() : nullptr;
   // Work items: (sequence, KV head), each cut into `parts` (round robin over its key blocks)
-  // when there are fewer of them than threads; each part accumulates its own dQ.
+  // when there are fewer of them than threads; then each part accumulates its own dQ in
+  // scratch, summed by a second pass. One part writes dq itself.
   const int64_t bh = s.B * s.Hkv, threads = at::get_num_threads();
   const int parts = int(std::max<int64_t>(1, std::min<int64_t>((threads + bh - 1) / bh,
                                                                (s.S + cpu::kKeyBlock - 1) / cpu::kKeyBlock)));
   const int G = int(s.Hq / s.Hkv);
   const int64_t part_elems = acc_type == at::kDouble ? cpu::dq_part_elems<double>(int(s.T), G, int(s.D), in.block_q)
                                                      : cpu::dq_part_elems<float>(int(s.T), G, int(s.D), in.block_q);
-  at::Tensor dq_parts = at::zeros({bh * parts * part_elems}, q.options().dtype(acc_type));
-  const cpu::BackwardScratch scratch{dq_parts.data_ptr(), mem_grad ? slots.data_ptr() : nullptr, parts};
+  at::Tensor dq_parts;
+  if (parts > 1) dq_parts = at::zeros({bh * parts * part_elems}, q.options().dtype(acc_type));
+  const cpu::BackwardScratch scratch{parts > 1 ? dq_parts.data_ptr() : nullptr,
+                                     mem_grad ? slots.data_ptr() : nullptr, parts};
 
   PassArgs args{&g, float_type_of(q.scalar_type(), "q"), s.int8_bank, in.block_q, &g, &scratch};
   parallel_pass(run_backward_pass, args, bh * parts);
-  args.merge = true;
-  parallel_pass(run_backward_pass, args, bh);
+  if (parts > 1) {
+    args.merge = true;
+    parallel_pass(run_backward_pass, args, bh);
+  }
   at::Tensor dmem_k = at::empty({0}, q.options()), dmem_v = at::empty({0}, q.options());
   if (mem_grad) {
     if (acc_type == at::kDouble) reduce_memory_grads<double>(slots, in.mem_ids, g);

@@ -3,15 +3,12 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <atomic>
-#include <memory>
 #include <optional>
-#include <thread>
 
 #include "checks.h"
+#include "thread_pool.h"
 #include "memory3/memory_attention.h"
 
 namespace memory3::cpu_launch {
@@ -28,13 +25,6 @@ M3_ALWAYS_INLINE void dispatch_types(FloatType e, bool int8, F&& f) {
     case FloatType::f16: return int8 ? f(fp16_t{}, int8_t{}, float{}) : f(fp16_t{}, fp16_t{}, float{});
   }
 }
-
-// Work items are taken from a shared counter, so threads that drew cheap items take more.
-struct WorkQueue {
-  std::atomic<int64_t> next{0};
-  int64_t size = 0;
-  bool pop(int64_t& i) { return (i = next.fetch_add(1, std::memory_order_relaxed)) < size; }
-};
 
 // What a pass's worker needs besides its work queue. A worker (one per launcher file) is
 // compiled once per ISA level (M3_CPU_MULTIVERSION), with all the kernel code it reaches
@@ -56,33 +46,10 @@ struct PassArgs {
 
 using PassWorker = void (*)(const PassArgs&, WorkQueue&);
 
-// Runs `worker` on min(torch's intra-op thread count, items) threads sharing one queue. The
-// extension is compiled without OpenMP, and at::parallel_for is a header template that then
-// runs its body serially (2 threads ran at the speed of 1). So the helpers are tasks on torch's
-// inter-op pool (at::launch, compiled into libtorch) and the calling thread works too. A helper
-// that has not started when the caller is done is cancelled rather than waited for, so a busy
-// pool cannot hang the call; a cancelled task touches only its shared state flag.
+// Runs `worker` on min(torch's intra-op thread count, items) threads sharing one queue
+// (thread_pool.h: torch's inter-op pool plus the calling thread).
 inline void parallel_pass(PassWorker worker, const PassArgs& args, int64_t items) {
-  if (items <= 0) return;
-  WorkQueue queue;
-  queue.size = items;
-  const int64_t helpers = std::min<int64_t>(at::get_num_threads(), items) - 1;
-  enum : int { kQueued, kRunning, kDone, kCancelled };
-  std::shared_ptr<std::atomic<int>[]> state(new std::atomic<int>[std::max<int64_t>(helpers, 1)]);
-  for (int64_t h = 0; h < helpers; ++h) state[h].store(kQueued);
-  for (int64_t h = 0; h < helpers; ++h)
-    at::launch([state, h, worker, &args, &queue] {
-      int expected = kQueued;
-      if (!state[h].compare_exchange_strong(expected, kRunning)) return;
-      worker(args, queue);
-      state[h].store(kDone, std::memory_order_release);
-    });
-  worker(args, queue);
-  for (int64_t h = 0; h < helpers; ++h) {
-    int expected = kQueued;
-    if (state[h].compare_exchange_strong(expected, kCancelled)) continue;
-    while (state[h].load(std::memory_order_acquire) != kDone) std::this_thread::yield();
-  }
+  run_on_threads(items, [worker, &args](WorkQueue& queue) { worker(args, queue); });
 }
 
 // Data checks the CPU can afford, on the caller's values (int32 or int64) before they are

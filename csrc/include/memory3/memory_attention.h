@@ -22,18 +22,20 @@
 
 #include "memory3/cpu_bf16.h"
 #include "memory3/cpu_gemm.h"
+#include "memory3/cpu_gemm_fixed.h"
 #include "memory3/cpu_rowops.h"
 #include "memory3/numeric.h"
 #include "memory3/params.h"
 
 namespace memory3::cpu {
 
-// The CPU backward's own scratch (its algorithm, not the op's contract): each work item's dQ
-// accumulator (summed over the items of one sequence and KV head by the finishing pass) and
-// the per-slot memory grads that the launcher adds into the bank rows by id in a fixed order,
-// so the result is deterministic.
+// The CPU backward's own scratch (its algorithm, not the op's contract): with more than one
+// part per (sequence, KV head), each part's dQ accumulator (summed by the finishing pass; with
+// one part dQ accumulates in the thread's own tile and is written at the item's end), and the
+// per-slot memory grads that the launcher adds into the bank rows by id in a fixed order, so
+// the result is deterministic.
 struct BackwardScratch {
-  void* dq_parts;   // [B, Hkv, parts, RT, Dp] Acc, zero-filled (RT = rows_per_sequence)
+  void* dq_parts;   // [B, Hkv, parts, RT, Dp] Acc, zero-filled (RT = rows_per_sequence); null if parts == 1
   void* mem_slots;  // [B, C, R, 2, Hkv, M, D] Acc, or null when the bank gets no gradient
   int parts;        // work items per (sequence, KV head): its key blocks, round robin
 };
@@ -193,25 +195,34 @@ class MemoryAttentionCpu {
   // FlashAttention-2's order: for each key block (context blocks, then each chunk's
   // memories) of sequence b and KV head kvh that this part owns, the query blocks that see it
   // recompute P^T from lse, and dK, dV of the block accumulate over them while dQ accumulates
-  // into the item's slice of w.dq_parts. Five GEMMs per (key block, query block), no
-  // transposes; dk/dv rows and memory slots are each written by exactly one item.
+  // per item (in w.dq_parts when the item is one of several parts, else in this thread's
+  // tile). Five GEMMs per (key block, query block); the key block's K^T and V^T are packed
+  // once as panels for all its query blocks. dk/dv rows and memory slots are each written by
+  // exactly one item.
   M3_ALWAYS_INLINE void backward_item(const MemoryAttentionBwdParams& g, const BackwardScratch& w, int b, int kvh,
                                       int part) {
     ensure_backward_tiles();
     pack_backward_rows(g, b, kvh);
     const int RT = rows_per_sequence();
-    Acc* dq = static_cast<Acc*>(w.dq_parts) + ((int64_t(b) * p_.Hkv + kvh) * w.parts + part) * RT * Dp_;
+    Acc* dq = bdq_.data();
+    if (w.dq_parts) dq = static_cast<Acc*>(w.dq_parts) + ((int64_t(b) * p_.Hkv + kvh) * w.parts + part) * RT * Dp_;
+    else std::fill(bdq_.begin(), bdq_.end(), Acc(0));
     const int L = kv_len(b), qbase = query_base(b), nqb = (p_.T + BQ_ - 1) / BQ_;
     for (int kb = part; kb * kKeyBlock < L; kb += w.parts) {
       const int j0 = kb * kKeyBlock, n = std::min(kKeyBlock, L - j0);
       const Acc *K, *V;
       int ldk, ldv;
       context_rows(b, kvh, j0, n, /*k_as_columns=*/true, K, ldk, V, ldv);
+      transpose(kt_.data(), KP_, K, ldk, n, p_.D);
+      transpose(vt_.data(), KP_, V, ldv, n, p_.D);
       std::fill(dk_.begin(), dk_.begin() + n * Dp_, Acc(0));
       std::fill(dv_.begin(), dv_.begin() + n * Dp_, Acc(0));
       for (int qb = std::max(0, j0 - qbase) / BQ_; qb < nqb; ++qb) {
-        const int nq = std::min(BQ_, p_.T - qb * BQ_);
-        key_grads_block(K, ldk, V, ldv, n, qb, 0, nq * G_, qbase + qb * BQ_, j0, dq);
+        const int nq = std::min(BQ_, p_.T - qb * BQ_), pbase = qbase + qb * BQ_;
+        // Keys past the block's last query and queries before the block's first key see
+        // nothing of each other: the diagonal block pairs shrink to what is seen.
+        const int seen = std::min(n, pbase + nq - j0);
+        key_grads_block(K, ldk, seen, qb, std::max(0, j0 - pbase) * G_, nq * G_, pbase, j0, dq);
       }
       const int64_t off = ((int64_t(b) * p_.S + j0) * p_.Hkv + kvh) * p_.D;
       for (int jj = 0; jj < n; ++jj) {
@@ -223,52 +234,17 @@ class MemoryAttentionCpu {
         }
       }
     }
-    // The memories of each chunk holding queries of b: seen by that chunk's queries only.
-    const int p_lo = std::max({qbase, 0, p_.chunk_start});
-    if (p_lo >= L) return;
-    const int c_lo = (p_lo - p_.chunk_start) / p_.chunk_size, c_hi = (L - 1 - p_.chunk_start) / p_.chunk_size;
-    for (int c = c_lo + part; c <= c_hi; c += w.parts) {
-      const int lo = int(std::max<int64_t>(chunk_begin(c), p_lo)) - qbase;  // query indices [lo, hi)
-      const int hi = int(std::min<int64_t>(chunk_begin(c + 1), L)) - qbase;
-      const int n = pack_memory_rows(b, c, kvh);
-      if (n == 0) continue;
-      std::fill(dk_.begin(), dk_.begin() + n * Dp_, Acc(0));
-      std::fill(dv_.begin(), dv_.begin() + n * Dp_, Acc(0));
-      for (int qb = lo / BQ_; qb * BQ_ < hi; ++qb) {
-        const int i0 = qb * BQ_;
-        const int row_lo = (std::max(lo, i0) - i0) * G_, row_end = (std::min(hi, i0 + BQ_) - i0) * G_;
-        key_grads_block(kn_.data(), Dp_, vn_.data(), Dp_, n, qb, row_lo, row_end, qbase + i0, -1, dq);
-      }
-      if (!w.mem_slots) continue;
-      Acc* slots = static_cast<Acc*>(w.mem_slots);
-      const int64_t slot_elems = int64_t(p_.M) * p_.D;
-      for (int jj = 0; jj < n; ++jj) {
-        const int r = slot_[jj] / p_.M, t = slot_[jj] % p_.M;
-        for (int kv = 0; kv < 2; ++kv) {  // [B, C, R, 2, Hkv, M, D]
-          Acc* dst = slots + ((((int64_t(b) * p_.C + c) * p_.R + r) * 2 + kv) * p_.Hkv + kvh) * slot_elems +
-                     int64_t(t) * p_.D;
-          const Acc* src = (kv == 0 ? dk_ : dv_).data() + jj * Dp_;
-          std::copy(src, src + p_.D, dst);
-        }
-      }
-    }
+    if (part == 0) zero_padding_key_grads(g, b, kvh, L);
+    memory_key_grads(w, b, kvh, part, dq);
+    if (!w.dq_parts) store_dq(g, b, kvh, dq, 1);
   }
 
   // dq of (b, kvh): the parts' accumulators summed, times the softmax scale.
   M3_ALWAYS_INLINE void backward_finish_dq(const MemoryAttentionBwdParams& g, const BackwardScratch& w, int b,
                                            int kvh) {
-    const int RT = rows_per_sequence();
-    const Acc* parts = static_cast<const Acc*>(w.dq_parts) + (int64_t(b) * p_.Hkv + kvh) * w.parts * RT * Dp_;
-    for (int i = 0; i < p_.T; ++i)
-      for (int gh = 0; gh < G_; ++gh) {
-        const int64_t r = int64_t(i / BQ_) * RQ_ + (i % BQ_) * G_ + gh;
-        T* dq = static_cast<T*>(g.dq) + ((int64_t(b) * p_.T + i) * p_.Hq + kvh * G_ + gh) * p_.D;
-        for (int d = 0; d < p_.D; ++d) {
-          Acc sum = 0;
-          for (int s = 0; s < w.parts; ++s) sum += parts[(int64_t(s) * RT + r) * Dp_ + d];
-          dq[d] = store_as<T>(sum * Acc(p_.scale));
-        }
-      }
+    const int64_t part_elems = int64_t(rows_per_sequence()) * Dp_;
+    store_dq(g, b, kvh, static_cast<const Acc*>(w.dq_parts) + (int64_t(b) * p_.Hkv + kvh) * w.parts * part_elems,
+             w.parts);
   }
 
  private:
@@ -491,19 +467,63 @@ class MemoryAttentionCpu {
   }
 
   // ---------------------------------------------------------------- backward blocks
-  // Keys [0, n) (rows of K, V) against the rows [row_lo, row_end) of query block qb: P^T and
-  // dS^T recomputed, dV += P^T dO, dK += dS^T (scale Q), dQ += dS K (scaled at the end).
-  M3_ALWAYS_INLINE void key_grads_block(const Acc* K, int ldk, const Acc* V, int ldv, int n, int qb, int row_lo,
-                                        int row_end, int pbase, int causal_j0, Acc* dq) {
-    const int RT = rows_per_sequence();
+  // The memories of each chunk holding queries of b (this part's chunks): seen by that
+  // chunk's queries only; their grads go to the chunk's slots when the bank is trainable.
+  M3_ALWAYS_INLINE void memory_key_grads(const BackwardScratch& w, int b, int kvh, int part, Acc* dq) {
+    const int L = kv_len(b), qbase = query_base(b);
+    const int p_lo = std::max({qbase, 0, p_.chunk_start});
+    if (p_lo >= L) return;
+    const int c_lo = (p_lo - p_.chunk_start) / p_.chunk_size, c_hi = (L - 1 - p_.chunk_start) / p_.chunk_size;
+    for (int c = c_lo + part; c <= c_hi; c += w.parts) {
+      const int lo = int(std::max<int64_t>(chunk_begin(c), p_lo)) - qbase;  // query indices [lo, hi)
+      const int hi = int(std::min<int64_t>(chunk_begin(c + 1), L)) - qbase;
+      const int n = pack_memory_rows(b, c, kvh);
+      if (n == 0) continue;
+      transpose(kt_.data(), KP_, kn_.data(), Dp_, n, p_.D);
+      transpose(vt_.data(), KP_, vn_.data(), Dp_, n, p_.D);
+      std::fill(dk_.begin(), dk_.begin() + n * Dp_, Acc(0));
+      std::fill(dv_.begin(), dv_.begin() + n * Dp_, Acc(0));
+      for (int qb = lo / BQ_; qb * BQ_ < hi; ++qb) {
+        const int i0 = qb * BQ_;
+        const int row_lo = (std::max(lo, i0) - i0) * G_, row_end = (std::min(hi, i0 + BQ_) - i0) * G_;
+        key_grads_block(kn_.data(), Dp_, n, qb, row_lo, row_end, qbase + i0, -1, dq);
+      }
+      if (!w.mem_slots) continue;
+      Acc* slots = static_cast<Acc*>(w.mem_slots);
+      const int64_t slot_elems = int64_t(p_.M) * p_.D;
+      for (int jj = 0; jj < n; ++jj) {
+        const int r = slot_[jj] / p_.M, t = slot_[jj] % p_.M;
+        for (int kv = 0; kv < 2; ++kv) {  // [B, C, R, 2, Hkv, M, D]
+          Acc* dst = slots + ((((int64_t(b) * p_.C + c) * p_.R + r) * 2 + kv) * p_.Hkv + kvh) * slot_elems +
+                     int64_t(t) * p_.D;
+          const Acc* src = (kv == 0 ? dk_ : dv_).data() + jj * Dp_;
+          std::copy(src, src + p_.D, dst);
+        }
+      }
+    }
+  }
+
+  // Keys [0, n) (K^T, V^T in the kt_ / vt_ panels, K also as rows for dQ) against the rows
+  // [row_lo, row_end) of query block qb: P^T and dS^T recomputed, dV += P^T dO,
+  // dK += dS^T (scale Q), dQ += dS K (scaled at the end).
+  M3_ALWAYS_INLINE void key_grads_block(const Acc* K, int ldk, int n, int qb, int row_lo, int row_end, int pbase,
+                                        int causal_j0, Acc* dq) {
     const int ca = row_lo / NR * NR, cb = round_up(row_end, NR), c0 = qb * RQ_ + ca, w = cb - ca;
-    gemm<Acc>(st_.data() + ca, RQ_, K, ldk, 1, bqt_.data() + c0, RT, n, w, p_.D, false);
-    gemm<Acc>(dpt_.data() + ca, RQ_, V, ldv, 1, bdot_.data() + c0, RT, n, w, p_.D, false);
+    const int64_t blk = int64_t(qb) * p_.D * RQ_ + ca;  // the query block's Q^T / dO^T panel
+    gemm_panel<Acc>(st_.data() + ca, RQ_, kt_.data(), KP_, bqt_.data() + blk, RQ_, n, w, p_.D, false);
+    gemm_panel<Acc>(dpt_.data() + ca, RQ_, vt_.data(), KP_, bdot_.data() + blk, RQ_, n, w, p_.D, false);
     set_limits(ca, cb, row_lo, row_end, pbase, n, causal_j0);
     probabilities_and_ds_columns(ca, cb, n, qb * RQ_);
-    gemm<Acc>(dv_.data(), Dp_, st_.data() + ca, RQ_, 1, bdo_.data() + int64_t(c0) * Dp_, Dp_, n, Dp_, w, true);
-    gemm<Acc>(dk_.data(), Dp_, dpt_.data() + ca, RQ_, 1, bq_.data() + int64_t(c0) * Dp_, Dp_, n, Dp_, w, true);
-    gemm<Acc>(dq + int64_t(c0) * Dp_, Dp_, dpt_.data() + ca, 1, RQ_, K, ldk, w, Dp_, n, true);
+    gemm_key_rows(dv_.data(), st_.data() + ca, bdo_.data() + int64_t(c0) * Dp_, n, w);
+    gemm_key_rows(dk_.data(), dpt_.data() + ca, bq_.data() + int64_t(c0) * Dp_, n, w);
+    gemm_panel<Acc>(dq + int64_t(c0) * Dp_, Dp_, dpt_.data() + ca, RQ_, K, ldk, w, Dp_, n, true);
+  }
+
+  // C [n x Dp] += A B with A = a P^T / dS^T tile (rows of RQ_ columns, w of them used) and
+  // B = w rows of Dp: the row stride is a compile-time constant in the usual case.
+  M3_ALWAYS_INLINE void gemm_key_rows(Acc* C, const Acc* A, const Acc* B, int n, int w) {
+    if (RQ_ == kRowTarget) gemm_fixed<Acc, kRowTarget>(C, Dp_, A, 0, B, Dp_, n, Dp_, w, true);
+    else gemm<Acc>(C, Dp_, A, RQ_, 1, B, Dp_, n, Dp_, w, true);
   }
 
   // P^T = exp(S^T - lse) and dS^T = P^T (dP^T - delta) in place over st_ / dpt_, columns
@@ -534,10 +554,12 @@ class MemoryAttentionCpu {
     }
   }
 
-  // Every query row of (b, kvh), in query blocks of RQ_ columns: Q^T and Q (scaled), dO^T and
-  // dO, lse and delta = rowsum(dO * O) - dlse. Padding rows: zero, lse = +inf (P = 0).
+  // Every query row of (b, kvh), in query blocks of RQ_ columns: Q (scaled) and dO as rows,
+  // Q^T and dO^T as one [D x RQ_] panel per block, lse and delta = rowsum(dO * O) - dlse.
+  // Padding rows: zero, lse = +inf (P = 0).
   M3_ALWAYS_INLINE void pack_backward_rows(const MemoryAttentionBwdParams& g, int b, int kvh) {
-    const int RT = rows_per_sequence();
+    using V = typename Vec64<Acc>::type;
+    constexpr int W = GemmTile<Acc>::NR;
     const T* q = static_cast<const T*>(p_.q);
     const T* dout = static_cast<const T*>(g.dout);
     const T* out = static_cast<const T*>(g.out);
@@ -550,26 +572,105 @@ class MemoryAttentionCpu {
         const int r = i / BQ_ * RQ_ + i % BQ_ * G_ + gh, h = kvh * G_ + gh;
         const int64_t row = (int64_t(b) * p_.T + i) * p_.Hq + h;
         const int64_t stat = (int64_t(b) * p_.Hq + h) * p_.T + i;
+        Acc* dor = bdo_.data() + int64_t(r) * Dp_;
         pack_row(bq_.data() + int64_t(r) * Dp_, q + b * p_.q_stride_b + i * p_.q_stride_t + h * p_.q_stride_h,
                  Acc(p_.scale));
-        pack_row(bdo_.data() + int64_t(r) * Dp_, dout + row * p_.D, Acc(1));
+        pack_row(dor, dout + row * p_.D, Acc(1));
+        pack_row(orow_.data(), out + row * p_.D, Acc(1));
         const float lse = p_.lse[stat];
         // A query that saw no key has lse = -inf and gets no gradient.
         blse_[r] = std::isinf(lse) && lse < 0 ? std::numeric_limits<Acc>::infinity() : Acc(lse);
-        Acc dot = 0;
-        for (int d = 0; d < p_.D; ++d) dot += bdo_[int64_t(r) * Dp_ + d] * load_as<Acc>(out[row * p_.D + d]);
-        bdelta_[r] = dot - (g.dlse ? Acc(g.dlse[stat]) : Acc(0));
+        V dot{};  // rows are zero past D
+        for (int d = 0; d < Dp_; d += W) {
+          V x, y;
+          std::memcpy(&x, dor + d, sizeof(V));
+          std::memcpy(&y, orow_.data() + d, sizeof(V));
+          dot += x * y;
+        }
+        Acc sum = 0;
+        for (int e = 0; e < W; ++e) sum += dot[e];
+        bdelta_[r] = sum - (g.dlse ? Acc(g.dlse[stat]) : Acc(0));
       }
-    transpose(bqt_.data(), RT, bq_.data(), Dp_, RT, p_.D);
-    transpose(bdot_.data(), RT, bdo_.data(), Dp_, RT, p_.D);
+    for (int qb = 0; qb * RQ_ < rows_per_sequence(); ++qb) {
+      transpose(bqt_.data() + int64_t(qb) * p_.D * RQ_, RQ_, bq_.data() + int64_t(qb) * RQ_ * Dp_, Dp_, RQ_, p_.D);
+      transpose(bdot_.data() + int64_t(qb) * p_.D * RQ_, RQ_, bdo_.data() + int64_t(qb) * RQ_ * Dp_, Dp_, RQ_, p_.D);
+    }
   }
 
-  // dst[c][r] = src[r][c] for r < rows, c < cols, 16 rows at a time: the stores of one
-  // column stay in one cache line (a plain loop strides the stores by ldd, which thrashed).
+  // Context rows [L, S) of (b, kvh) get no gradient (the launcher leaves dk, dv uninitialized).
+  M3_ALWAYS_INLINE void zero_padding_key_grads(const MemoryAttentionBwdParams& g, int b, int kvh, int L) {
+    for (int j = L; j < p_.S; ++j) {
+      const int64_t off = ((int64_t(b) * p_.S + j) * p_.Hkv + kvh) * p_.D;
+      std::fill(static_cast<T*>(g.dk) + off, static_cast<T*>(g.dk) + off + p_.D, store_as<T>(Acc(0)));
+      std::fill(static_cast<T*>(g.dv) + off, static_cast<T*>(g.dv) + off + p_.D, store_as<T>(Acc(0)));
+    }
+  }
+
+  // dq of (b, kvh) = scale * the sum of `parts` accumulators [RT x Dp], one after the other.
+  M3_ALWAYS_INLINE void store_dq(const MemoryAttentionBwdParams& g, int b, int kvh, const Acc* acc, int parts) {
+    const int64_t part_elems = int64_t(rows_per_sequence()) * Dp_;
+    for (int i = 0; i < p_.T; ++i)
+      for (int gh = 0; gh < G_; ++gh) {
+        const int64_t r = int64_t(i / BQ_) * RQ_ + (i % BQ_) * G_ + gh;
+        T* dq = static_cast<T*>(g.dq) + ((int64_t(b) * p_.T + i) * p_.Hq + kvh * G_ + gh) * p_.D;
+        for (int d = 0; d < p_.D; ++d) {
+          Acc sum = 0;
+          for (int s = 0; s < parts; ++s) sum += acc[s * part_elems + r * Dp_ + d];
+          dq[d] = store_as<T>(sum * Acc(p_.scale));
+        }
+      }
+  }
+
+  // dst[c][r] = src[r][c] for r < rows, c < cols: float in 16 x 16 blocks transposed in
+  // registers, the rest 16 rows at a time, so the stores of one column stay in one cache line
+  // (a plain loop strides the stores by ldd, which thrashed).
   static M3_ALWAYS_INLINE void transpose(Acc* dst, int ldd, const Acc* src, int lds, int rows, int cols) {
-    for (int r0 = 0; r0 < rows; r0 += 16)
-      for (int c = 0; c < cols; ++c)
-        for (int r = r0; r < std::min(rows, r0 + 16); ++r) dst[int64_t(c) * ldd + r] = src[int64_t(r) * lds + c];
+    int r_done = 0, c_done = 0;
+    if constexpr (std::is_same_v<Acc, float>) {
+      r_done = rows / 16 * 16, c_done = cols / 16 * 16;
+      for (int r0 = 0; r0 < r_done; r0 += 16)
+        for (int c0 = 0; c0 < c_done; c0 += 16)
+          transpose16(dst + int64_t(c0) * ldd + r0, ldd, src + int64_t(r0) * lds + c0, lds);
+    }
+    auto scalar = [&](int r_lo, int r_hi, int c_lo, int c_hi) {
+      for (int r0 = r_lo; r0 < r_hi; r0 += 16)
+        for (int c = c_lo; c < c_hi; ++c)
+          for (int r = r0; r < std::min(r_hi, r0 + 16); ++r) dst[int64_t(c) * ldd + r] = src[int64_t(r) * lds + c];
+    };
+    scalar(0, r_done, c_done, cols);  // the columns past the last whole block
+    scalar(r_done, rows, 0, cols);    // the rows past the last whole block
+  }
+
+  // One 16 x 16 float block: four butterfly stages, each swapping the off-diagonal b x b
+  // sub-blocks of every 2b x 2b block (b = 8, 4, 2, 1), 16 two-vector shuffles per stage.
+  static M3_ALWAYS_INLINE void transpose16(float* dst, int ldd, const float* src, int lds) {
+    VecF x[16];
+    for (int r = 0; r < 16; ++r) x[r] = load_vec(src + int64_t(r) * lds);
+    transpose16_stage<8>(x);
+    transpose16_stage<4>(x);
+    transpose16_stage<2>(x);
+    transpose16_stage<1>(x);
+    for (int c = 0; c < 16; ++c) store_vec(dst + int64_t(c) * ldd, x[c]);
+  }
+
+  template <int B>
+  static M3_ALWAYS_INLINE void transpose16_stage(VecF* x) {
+    // Lanes of (row i, row i + B) that make the new rows i and i + B: literal constants, so
+    // each shuffle is one two-source permute.
+    constexpr VecI lo = B == 8   ? VecI{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}
+                        : B == 4 ? VecI{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}
+                        : B == 2 ? VecI{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}
+                                 : VecI{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
+    constexpr VecI hi = B == 8   ? VecI{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}
+                        : B == 4 ? VecI{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31}
+                        : B == 2 ? VecI{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31}
+                                 : VecI{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31};
+    for (int i = 0; i < 16; ++i)
+      if (!(i & B)) {
+        const VecF a = x[i], b = x[i + B];
+        x[i] = __builtin_shuffle(a, b, lo);
+        x[i + B] = __builtin_shuffle(a, b, hi);
+      }
   }
 
   // ---------------------------------------------------------------- packing
@@ -668,6 +769,10 @@ class MemoryAttentionCpu {
     tile(bdo_, RT * Dp_);
     tile(bqt_, RT * p_.D);
     tile(bdot_, RT * p_.D);
+    tile(bdq_, RT * Dp_);
+    tile(orow_, size_t(Dp_));
+    tile(kt_, size_t(p_.D) * KP_);
+    tile(vt_, size_t(p_.D) * KP_);
     tile(blse_, RT);
     tile(bdelta_, RT);
     tile(dpt_, size_t(KP_) * RQ_);
@@ -683,6 +788,7 @@ class MemoryAttentionCpu {
   std::vector<Acc> zrow_;                                           // decode: zeros
   std::vector<bf16_t> qh_, zrowh_;                                  // decode, bf16 dot: q, zeros
   std::vector<Acc> bq_, bdo_, bqt_, bdot_, blse_, bdelta_, dpt_, dk_, dv_;  // backward
+  std::vector<Acc> bdq_, orow_, kt_, vt_;                                   // backward
   std::vector<int> lim_, slot_;
 };
 
