@@ -151,13 +151,17 @@ def test_dequantize_memory(benchmark, codec, impl):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--threads", default=None, help="thread counts to run at, e.g. 1,2 (default: torch's)")
     cli = parser.parse_args()
-    for codec in CODECS:
-        r = measure(codec, repeats=cli.repeats)
-        print(
-            f"{codec:4s} {r['bytes_per_vector']:3d} B/vector ({r['compression_vs_bf16']:4.1f}x vs bf16), "
-            f"rel L2 {r['rel_l2']:.4f} | quantize {r['encode']} memories: {r['quantize_s'] * 1e3:7.2f} ms "
-            f"(reference {r['quantize_reference_s'] * 1e3:8.2f} ms, {r['quantize_speedup']:5.1f}x) | "
-            f"dequantize {r['ids']} ids: {r['dequantize_s'] * 1e6:7.1f} us, {r['dequantize_gbps']:5.1f} GB/s "
-            f"(reference {r['dequantize_reference_s'] * 1e6:8.1f} us, {r['dequantize_speedup']:5.1f}x)"
-        )
+    for threads in [int(t) for t in cli.threads.split(",")] if cli.threads else [torch.get_num_threads()]:
+        torch.set_num_threads(threads)
+        for codec in CODECS:
+            r = measure(codec, repeats=cli.repeats)
+            print(
+                f"{r['threads']} thread(s) {codec:4s} {r['bytes_per_vector']:3d} B/vector "
+                f"({r['compression_vs_bf16']:4.1f}x vs bf16), rel L2 {r['rel_l2']:.4f} | "
+                f"quantize {r['encode']} memories: {r['quantize_s'] * 1e3:7.2f} ms "
+                f"(reference {r['quantize_reference_s'] * 1e3:8.2f} ms, {r['quantize_speedup']:5.1f}x) | "
+                f"dequantize {r['ids']} ids: {r['dequantize_s'] * 1e6:7.1f} us, {r['dequantize_gbps']:5.1f} GB/s "
+                f"(reference {r['dequantize_reference_s'] * 1e6:8.1f} us, {r['dequantize_speedup']:5.1f}x)"
+            )

@@ -117,11 +117,15 @@ def test_gather_memory(benchmark, bank, impl):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--threads", default=None, help="thread counts to run at, e.g. 1,2 (default: torch's)")
     cli = parser.parse_args()
-    for bank in BANKS:
-        r = measure(bank, repeats=cli.repeats)
-        print(
-            f"gather_memory {bank:5s} {r['ids']} ids of N={r['N']}: kernel {r['kernel_s'] * 1e6:8.1f} us "
-            f"({r['kernel_gbps']:5.1f} GB/s, {r['kernel_vs_copy']:4.0%} of copy {r['copy_gbps']:.1f} GB/s)  "
-            f"reference {r['reference_s'] * 1e6:8.1f} us  speedup {r['speedup']:5.1f}x"
-        )
+    for threads in [int(t) for t in cli.threads.split(",")] if cli.threads else [torch.get_num_threads()]:
+        torch.set_num_threads(threads)
+        for bank in BANKS:
+            r = measure(bank, repeats=cli.repeats)
+            print(
+                f"{r['threads']} thread(s) gather_memory {bank:5s} {r['ids']} ids of N={r['N']}: "
+                f"kernel {r['kernel_s'] * 1e6:8.1f} us "
+                f"({r['kernel_gbps']:5.1f} GB/s, {r['kernel_vs_copy']:4.0%} of copy {r['copy_gbps']:.1f} GB/s)  "
+                f"reference {r['reference_s'] * 1e6:8.1f} us  speedup {r['speedup']:5.1f}x"
+            )

@@ -2,13 +2,12 @@
 // host), validates ids, dispatches the output dtype and runs memory3/vq.h over memories.
 #include "dequantize_vq.h"
 
-#include <ATen/Parallel.h>
-
 #include <cmath>
 #include <vector>
 
 #include "checks.h"
 #include "row_ids.h"
+#include "thread_pool.h"
 #include "memory3/vq.h"
 
 namespace memory3 {
@@ -76,7 +75,7 @@ at::Tensor dequantize_vq_cpu(const at::Tensor& codes, const at::Tensor& meta, co
   const int64_t rows = ids ? flat.numel() : N;
   // A vector costs about D^2 multiply-adds (the rotation).
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(Hkv * M * D * D, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) { dequantize_vq_range(out_elem, p, r0, r1); });
+  cpu_launch::parallel_ranges(rows, grain, [&](int64_t r0, int64_t r1) { dequantize_vq_range(out_elem, p, r0, r1); });
   return out;
 }
 

@@ -1,7 +1,6 @@
 // CPU launcher of gather_memory: checks, id validation, dtype dispatch and the
 // ISA-multiversioned worker that runs the kernel of include/memory3/gather.h.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -11,6 +10,7 @@
 
 #include "checks.h"
 #include "row_ids.h"
+#include "thread_pool.h"
 #include "memory3/gather.h"
 
 namespace memory3 {
@@ -66,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor> gather_memory_cpu(const at::Tensor& mem_k, co
   // Tasks of at least ~64 KB of output, so small gathers stay on one thread.
   const int64_t row_bytes = 2 * Hkv * M * D * k.element_size();
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(row_bytes, 1));
-  at::parallel_for(0, flat.numel(), grain, [&](int64_t r0, int64_t r1) { gather_range(p, types, r0, r1); });
+  cpu_launch::parallel_ranges(flat.numel(), grain, [&](int64_t r0, int64_t r1) { gather_range(p, types, r0, r1); });
   return {k, v};
 }
 

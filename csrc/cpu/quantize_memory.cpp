@@ -2,7 +2,6 @@
 // shape checks, id validation, dtype dispatch and the ISA-multiversioned workers that run
 // the kernels of include/memory3/quant.h.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -13,6 +12,7 @@
 #include "checks.h"
 #include "dequantize_vq.h"
 #include "row_ids.h"
+#include "thread_pool.h"
 #include "memory3/quant.h"
 
 namespace memory3 {
@@ -92,8 +92,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_memory_cpu(const at::Tensor& x, std:
   // Tasks of roughly equal work: a pq item is 16 vectors, each compared with 256 centroids.
   const int64_t work = codec == Codec::pq ? D * kPqCentroids : D * 8;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / work);
-  at::parallel_for(0, cpu::quantize_items(codec, p), grain,
-                   [&](int64_t i0, int64_t i1) { quantize_range(codec, x_type, p, i0, i1); });
+  cpu_launch::parallel_ranges(cpu::quantize_items(codec, p), grain,
+                              [&](int64_t i0, int64_t i1) { quantize_range(codec, x_type, p, i0, i1); });
   return {codes, meta};
 }
 
@@ -164,7 +164,8 @@ at::Tensor dequantize_memory_cpu(const at::Tensor& codes, const at::Tensor& meta
 
   const int64_t rows = ids ? flat.numel() : N;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(Hkv * M * D, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) { dequantize_range(codec, out_elem, p, r0, r1); });
+  cpu_launch::parallel_ranges(rows, grain,
+                              [&](int64_t r0, int64_t r1) { dequantize_range(codec, out_elem, p, r0, r1); });
   return out;
 }
 
