@@ -556,17 +556,14 @@ class MemoryAttentionCpu {
 
   // Every query row of (b, kvh), in query blocks of RQ_ columns: Q (scaled) and dO as rows,
   // Q^T and dO^T as one [D x RQ_] panel per block, lse and delta = rowsum(dO * O) - dlse.
-  // Padding rows: zero, lse = +inf (P = 0).
+  // Padding rows and columns [D, Dp) are the same for every item and never written: they keep
+  // the tiles' first values (zero, lse = +inf: P = 0), so nothing is cleared per item.
   M3_ALWAYS_INLINE void pack_backward_rows(const MemoryAttentionBwdParams& g, int b, int kvh) {
     using V = typename Vec64<Acc>::type;
     constexpr int W = GemmTile<Acc>::NR;
     const T* q = static_cast<const T*>(p_.q);
     const T* dout = static_cast<const T*>(g.dout);
     const T* out = static_cast<const T*>(g.out);
-    std::fill(bq_.begin(), bq_.end(), Acc(0));
-    std::fill(bdo_.begin(), bdo_.end(), Acc(0));
-    std::fill(blse_.begin(), blse_.end(), std::numeric_limits<Acc>::infinity());
-    std::fill(bdelta_.begin(), bdelta_.end(), Acc(0));
     for (int i = 0; i < p_.T; ++i)
       for (int gh = 0; gh < G_; ++gh) {
         const int r = i / BQ_ * RQ_ + i % BQ_ * G_ + gh, h = kvh * G_ + gh;
@@ -773,7 +770,7 @@ class MemoryAttentionCpu {
     tile(orow_, size_t(Dp_));
     tile(kt_, size_t(p_.D) * KP_);
     tile(vt_, size_t(p_.D) * KP_);
-    tile(blse_, RT);
+    blse_.assign(RT, std::numeric_limits<Acc>::infinity());
     tile(bdelta_, RT);
     tile(dpt_, size_t(KP_) * RQ_);
     tile(dk_, size_t(KP_) * Dp_);
