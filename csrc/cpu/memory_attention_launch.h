@@ -47,7 +47,7 @@ struct PassArgs {
 using PassWorker = void (*)(const PassArgs&, WorkQueue&);
 
 // Runs `worker` on min(torch's intra-op thread count, items) threads sharing one queue
-// (thread_pool.h: torch's inter-op pool plus the calling thread).
+// (thread_pool.h: the calling thread plus helper threads of our own).
 inline void parallel_pass(PassWorker worker, const PassArgs& args, int64_t items) {
   run_on_threads(items, [worker, &args](WorkQueue& queue) { worker(args, queue); });
 }
