@@ -106,6 +106,30 @@ def test_auto_uses_the_bf16_unit_in_the_decode_where_the_cpu_has_it(monkeypatch,
     assert torch.equal(lse_auto, lse_off) != (T == 1 and cpu_has_bf16_dot())
 
 
+def test_off_is_the_float_path_and_auto_the_unit(monkeypatch):
+    """Which switch value takes which path: a prefill whose last query block holds one query
+    computes that query with the decode's float code (the prefill never uses the unit), so
+    its last row is bit for bit a float-path decode of the same query. "off" must give those
+    bits, "auto" other bits on a CPU with AVX512-BF16 (the same bits without it)."""
+    require_kernel("memory_attention", "cpu")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # no split of the decode: the same sums as the prefill's row
+    try:
+        # G = 4: query blocks of 16, so T = 17 ends in a block of one query
+        args = AttentionCase(B=2, T=17, S=200, Hq=8, Hkv=2, D=80, dtype=torch.bfloat16).make()
+        args["q"] = args["q"] * 32
+        out_pre, lse_pre = ops.memory_attention(**args)
+        last = dict(args, q=args["q"][:, -1:].contiguous())
+        monkeypatch.setenv("MEMORY3_CPU_BF16", "off")
+        out_off, lse_off = ops.memory_attention(**last)
+        monkeypatch.setenv("MEMORY3_CPU_BF16", "auto")
+        _, lse_auto = ops.memory_attention(**last)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out_off, out_pre[:, -1:]) and torch.equal(lse_off, lse_pre[:, :, -1:])
+    assert torch.equal(lse_auto, lse_off) != cpu_has_bf16_dot()
+
+
 def test_unknown_switch_value_raises(monkeypatch):
     args = AttentionCase(dtype=torch.bfloat16).make()
     monkeypatch.setenv("MEMORY3_CPU_BF16", "on")
