@@ -39,6 +39,30 @@ M3_ALWAYS_INLINE VecF exp_nonpositive(VecF x) {
   return underflow ? VecF{} : p * two_n;
 }
 
+// 2^t for t <= 0 (scores kept in log2 units, so no multiply by log2 e): t = n + f, |f| <= 1/2,
+// 2^f = e^(f ln2) by the same degree-6 Taylor polynomial (coefficients ln2^k / k!), relative
+// error ~2e-7. 2^n comes from the rounding sum's own bits: t + 1.5 * 2^23 holds n in its low
+// mantissa bits, and shifting them into the exponent field needs no float-to-int conversion.
+// Lanes below -125 (including -inf, whose NaN on the way is discarded) give exactly 0.
+M3_ALWAYS_INLINE VecF exp2_nonpositive(VecF t) {
+  typedef uint32_t VecU __attribute__((vector_size(64), aligned(4)));
+  const VecF r = t + 12582912.0f;
+  const VecF f = t - (r - 12582912.0f);
+  VecF p = VecF{} + 1.5403530393381606e-4f;
+  p = p * f + 1.3333558146428441e-3f;
+  p = p * f + 9.618129107628477e-3f;
+  p = p * f + 5.5504108664821576e-2f;
+  p = p * f + 0.2402265069591007f;
+  p = p * f + 0.6931471805599453f;
+  p = p * f + 1.0f;
+  VecU bits;
+  std::memcpy(&bits, &r, sizeof(bits));
+  bits = (bits << 23) + (127u << 23);
+  VecF two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return t < -125.0f ? VecF{} : p * two_n;
+}
+
 M3_ALWAYS_INLINE float hmax(VecF v) {
   float m = v[0];
   for (int i = 1; i < kVecF; ++i) m = std::max(m, v[i]);

@@ -42,6 +42,11 @@ struct BackwardScratch {
 
 constexpr int kKeyBlock = 64;   // context keys per block
 constexpr int kRowTarget = 64;  // query rows (queries x group heads) per work item
+// Backward: queries ahead whose rows of q, dO, O (and dq's rows, for writing) are prefetched
+// while one query's rows are packed (or its dq stored). Those tensors pass through the
+// backward once, from L3 or memory, and the packing loops waited on them (~6% of the 1-thread
+// backward in perf annotate).
+constexpr int kRowsAhead = 4;
 
 // One thread's view of a call: scratch tiles plus the per-item passes. T is the dtype of
 // q/k/v, MT that of the bank (T or int8_t), Acc the accumulation type. kDotBf16: bf16 inputs
@@ -59,6 +64,9 @@ class MemoryAttentionCpu {
   // Context rows are GEMM operands in place when they are already Acc (K as the row operand
   // of S^T = K Q^T: any D; as a column operand, V and the backward's K: rows of Dp columns).
   static constexpr bool kInPlace = std::is_same_v<T, Acc>;
+  // Float backward: the recomputed scores S^T (through the K^T panel) and lse are kept in log2
+  // units, so P = 2^(S - lse) needs no multiply per score; double keeps natural units.
+  static constexpr Acc kScoreUnit = std::is_same_v<Acc, float> ? Acc(1.4426950408889634) : Acc(1);
 
   MemoryAttentionCpu(const MemoryAttentionParams& p, int block_q)
       : p_(p), G_(p.Hq / p.Hkv), BQ_(block_q), Dp_(round_up(p.D, NR)),
@@ -213,7 +221,7 @@ class MemoryAttentionCpu {
       const Acc *K, *V;
       int ldk, ldv;
       context_rows(b, kvh, j0, n, /*k_as_columns=*/true, K, ldk, V, ldv);
-      transpose(kt_.data(), KP_, K, ldk, n, p_.D);
+      transpose(kt_.data(), KP_, K, ldk, n, p_.D, kScoreUnit);
       transpose(vt_.data(), KP_, V, ldv, n, p_.D);
       std::fill(dk_.begin(), dk_.begin() + n * Dp_, Acc(0));
       std::fill(dv_.begin(), dv_.begin() + n * Dp_, Acc(0));
@@ -266,12 +274,16 @@ class MemoryAttentionCpu {
   }
 
   // lim_[r] for r in [ca, cb): how many of the block's keys row r sees (0 outside [lo, hi)).
-  M3_ALWAYS_INLINE void set_limits(int ca, int cb, int lo, int hi, int pbase, int n, int causal_j0) {
+  // Returns whether every row sees all n keys (nothing to mask).
+  M3_ALWAYS_INLINE bool set_limits(int ca, int cb, int lo, int hi, int pbase, int n, int causal_j0) {
+    bool all_seen = true;
     for (int r = ca; r < cb; ++r) {
       if (r < lo || r >= hi) lim_[r] = 0;
       else if (causal_j0 < 0) lim_[r] = n;
       else lim_[r] = std::max(0, std::min(n, pbase + r / G_ - causal_j0 + 1));
+      all_seen &= lim_[r] == n;
     }
+    return all_seen;
   }
 
   // st_ columns [ca, cb), keys [0, n): scores in, probabilities out; m_, l_ updated and
@@ -479,7 +491,7 @@ class MemoryAttentionCpu {
       const int hi = int(std::min<int64_t>(chunk_begin(c + 1), L)) - qbase;
       const int n = pack_memory_rows(b, c, kvh);
       if (n == 0) continue;
-      transpose(kt_.data(), KP_, kn_.data(), Dp_, n, p_.D);
+      transpose(kt_.data(), KP_, kn_.data(), Dp_, n, p_.D, kScoreUnit);
       transpose(vt_.data(), KP_, vn_.data(), Dp_, n, p_.D);
       std::fill(dk_.begin(), dk_.begin() + n * Dp_, Acc(0));
       std::fill(dv_.begin(), dv_.begin() + n * Dp_, Acc(0));
@@ -512,8 +524,8 @@ class MemoryAttentionCpu {
     const int64_t blk = int64_t(qb) * p_.D * RQ_ + ca;  // the query block's Q^T / dO^T panel
     gemm_panel<Acc>(st_.data() + ca, RQ_, kt_.data(), KP_, bqt_.data() + blk, RQ_, n, w, p_.D, false);
     gemm_panel<Acc>(dpt_.data() + ca, RQ_, vt_.data(), KP_, bdot_.data() + blk, RQ_, n, w, p_.D, false);
-    set_limits(ca, cb, row_lo, row_end, pbase, n, causal_j0);
-    probabilities_and_ds_columns(ca, cb, n, qb * RQ_);
+    const bool all_seen = set_limits(ca, cb, row_lo, row_end, pbase, n, causal_j0);
+    probabilities_and_ds_columns(ca, cb, n, qb * RQ_, all_seen);
     gemm_key_rows(dv_.data(), st_.data() + ca, bdo_.data() + int64_t(c0) * Dp_, n, w);
     gemm_key_rows(dk_.data(), dpt_.data() + ca, bq_.data() + int64_t(c0) * Dp_, n, w);
     gemm_panel<Acc>(dq + int64_t(c0) * Dp_, Dp_, dpt_.data() + ca, RQ_, K, ldk, w, Dp_, n, true);
@@ -527,23 +539,30 @@ class MemoryAttentionCpu {
   }
 
   // P^T = exp(S^T - lse) and dS^T = P^T (dP^T - delta) in place over st_ / dpt_, columns
-  // [ca, cb) of the query block whose tiles start at column c0.
-  M3_ALWAYS_INLINE void probabilities_and_ds_columns(int ca, int cb, int n, int c0) {
+  // [ca, cb) of the query block whose tiles start at column c0. Float: S^T and lse are in
+  // log2 units (kScoreUnit), so P^T = 2^(S^T - lse). all_seen: no key is masked for any of the
+  // columns (every block pair off the diagonal), so the per-key compare and select are left out.
+  M3_ALWAYS_INLINE void probabilities_and_ds_columns(int ca, int cb, int n, int c0, bool all_seen) {
     if constexpr (std::is_same_v<Acc, float>) {
-      for (int c = ca; c < cb; c += kVecF) {
-        VecI lim;
-        std::memcpy(&lim, lim_.data() + c, sizeof(lim));
-        const VecF lse = load_vec(blse_.data() + c0 + c), delta = load_vec(bdelta_.data() + c0 + c);
-        const VecF neg_inf = VecF{} - std::numeric_limits<float>::infinity();
-        for (int j = 0; j < n; ++j) {
-          float *sp = st_.data() + j * RQ_ + c, *dp = dpt_.data() + j * RQ_ + c;
-          VecF s = load_vec(sp);
-          s = (VecI{} + j) < lim ? s : neg_inf;  // masked: exp(-inf) = 0 (see above on selects)
-          const VecF p = exp_nonpositive(s - lse);
-          store_vec(sp, p);
-          store_vec(dp, p * (load_vec(dp) - delta));
+      auto columns = [&](auto masked) M3_LAMBDA_INLINE {
+        for (int c = ca; c < cb; c += kVecF) {
+          VecI lim;
+          std::memcpy(&lim, lim_.data() + c, sizeof(lim));
+          const VecF lse = load_vec(blse_.data() + c0 + c), delta = load_vec(bdelta_.data() + c0 + c);
+          const VecF neg_inf = VecF{} - std::numeric_limits<float>::infinity();
+          for (int j = 0; j < n; ++j) {
+            float *sp = st_.data() + j * RQ_ + c, *dp = dpt_.data() + j * RQ_ + c;
+            VecF s = load_vec(sp);
+            if constexpr (decltype(masked)::value)
+              s = (VecI{} + j) < lim ? s : neg_inf;  // masked: 2^-inf = 0 (see above on selects)
+            const VecF p = exp2_nonpositive(s - lse);
+            store_vec(sp, p);
+            store_vec(dp, p * (load_vec(dp) - delta));
+          }
         }
-      }
+      };
+      if (all_seen) columns(std::false_type{});
+      else columns(std::true_type{});
     } else {
       for (int c = ca; c < cb; ++c)
         for (int j = 0; j < n; ++j) {
@@ -569,19 +588,30 @@ class MemoryAttentionCpu {
         const int r = i / BQ_ * RQ_ + i % BQ_ * G_ + gh, h = kvh * G_ + gh;
         const int64_t row = (int64_t(b) * p_.T + i) * p_.Hq + h;
         const int64_t stat = (int64_t(b) * p_.Hq + h) * p_.T + i;
+        if (i + kRowsAhead < p_.T) {  // the rows come from L3 or memory: fetch ahead (see kRowsAhead)
+          const int64_t ahead = row + int64_t(kRowsAhead) * p_.Hq;
+          prefetch_row(q + b * p_.q_stride_b + (i + kRowsAhead) * p_.q_stride_t + h * p_.q_stride_h);
+          prefetch_row(dout + ahead * p_.D);
+          prefetch_row(out + ahead * p_.D);
+        }
         Acc* dor = bdo_.data() + int64_t(r) * Dp_;
         pack_row(bq_.data() + int64_t(r) * Dp_, q + b * p_.q_stride_b + i * p_.q_stride_t + h * p_.q_stride_h,
                  Acc(p_.scale));
         pack_row(dor, dout + row * p_.D, Acc(1));
-        pack_row(orow_.data(), out + row * p_.D, Acc(1));
+        // Float rows of whole vectors are read in place; else converted into orow_.
+        const Acc* orow = orow_.data();
+        if constexpr (kInPlace) {
+          if (p_.D == Dp_) orow = reinterpret_cast<const Acc*>(out + row * p_.D);
+        }
+        if (orow == orow_.data()) pack_row(orow_.data(), out + row * p_.D, Acc(1));
         const float lse = p_.lse[stat];
         // A query that saw no key has lse = -inf and gets no gradient.
-        blse_[r] = std::isinf(lse) && lse < 0 ? std::numeric_limits<Acc>::infinity() : Acc(lse);
+        blse_[r] = std::isinf(lse) && lse < 0 ? std::numeric_limits<Acc>::infinity() : Acc(lse) * kScoreUnit;
         V dot{};  // rows are zero past D
         for (int d = 0; d < Dp_; d += W) {
           V x, y;
           std::memcpy(&x, dor + d, sizeof(V));
-          std::memcpy(&y, orow_.data() + d, sizeof(V));
+          std::memcpy(&y, orow + d, sizeof(V));
           dot += x * y;
         }
         Acc sum = 0;
@@ -610,6 +640,12 @@ class MemoryAttentionCpu {
       for (int gh = 0; gh < G_; ++gh) {
         const int64_t r = int64_t(i / BQ_) * RQ_ + (i % BQ_) * G_ + gh;
         T* dq = static_cast<T*>(g.dq) + ((int64_t(b) * p_.T + i) * p_.Hq + kvh * G_ + gh) * p_.D;
+        if (i + kRowsAhead < p_.T) prefetch_row(dq + int64_t(kRowsAhead) * p_.Hq * p_.D, /*write=*/true);
+        if (parts == 1) {  // one accumulator: a plain scaled copy, vectorized
+          const Acc* src = acc + r * Dp_;
+          for (int d = 0; d < p_.D; ++d) dq[d] = store_as<T>(src[d] * Acc(p_.scale));
+          continue;
+        }
         for (int d = 0; d < p_.D; ++d) {
           Acc sum = 0;
           for (int s = 0; s < parts; ++s) sum += acc[s * part_elems + r * Dp_ + d];
@@ -618,21 +654,23 @@ class MemoryAttentionCpu {
       }
   }
 
-  // dst[c][r] = src[r][c] for r < rows, c < cols: float in 16 x 16 blocks transposed in
+  // dst[c][r] = mul * src[r][c] for r < rows, c < cols: float in 16 x 16 blocks transposed in
   // registers, the rest 16 rows at a time, so the stores of one column stay in one cache line
   // (a plain loop strides the stores by ldd, which thrashed).
-  static M3_ALWAYS_INLINE void transpose(Acc* dst, int ldd, const Acc* src, int lds, int rows, int cols) {
+  static M3_ALWAYS_INLINE void transpose(Acc* dst, int ldd, const Acc* src, int lds, int rows, int cols,
+                                         Acc mul = Acc(1)) {
     int r_done = 0, c_done = 0;
     if constexpr (std::is_same_v<Acc, float>) {
       r_done = rows / 16 * 16, c_done = cols / 16 * 16;
       for (int r0 = 0; r0 < r_done; r0 += 16)
         for (int c0 = 0; c0 < c_done; c0 += 16)
-          transpose16(dst + int64_t(c0) * ldd + r0, ldd, src + int64_t(r0) * lds + c0, lds);
+          transpose16(dst + int64_t(c0) * ldd + r0, ldd, src + int64_t(r0) * lds + c0, lds, mul);
     }
     auto scalar = [&](int r_lo, int r_hi, int c_lo, int c_hi) {
       for (int r0 = r_lo; r0 < r_hi; r0 += 16)
         for (int c = c_lo; c < c_hi; ++c)
-          for (int r = r0; r < std::min(r_hi, r0 + 16); ++r) dst[int64_t(c) * ldd + r] = src[int64_t(r) * lds + c];
+          for (int r = r0; r < std::min(r_hi, r0 + 16); ++r)
+            dst[int64_t(c) * ldd + r] = mul * src[int64_t(r) * lds + c];
     };
     scalar(0, r_done, c_done, cols);  // the columns past the last whole block
     scalar(r_done, rows, 0, cols);    // the rows past the last whole block
@@ -640,9 +678,9 @@ class MemoryAttentionCpu {
 
   // One 16 x 16 float block: four butterfly stages, each swapping the off-diagonal b x b
   // sub-blocks of every 2b x 2b block (b = 8, 4, 2, 1), 16 two-vector shuffles per stage.
-  static M3_ALWAYS_INLINE void transpose16(float* dst, int ldd, const float* src, int lds) {
+  static M3_ALWAYS_INLINE void transpose16(float* dst, int ldd, const float* src, int lds, float mul) {
     VecF x[16];
-    for (int r = 0; r < 16; ++r) x[r] = load_vec(src + int64_t(r) * lds);
+    for (int r = 0; r < 16; ++r) x[r] = load_vec(src + int64_t(r) * lds) * mul;
     transpose16_stage<8>(x);
     transpose16_stage<4>(x);
     transpose16_stage<2>(x);
@@ -726,9 +764,12 @@ class MemoryAttentionCpu {
     }
   }
 
-  M3_ALWAYS_INLINE void prefetch_row(const T* row) const {
+  M3_ALWAYS_INLINE void prefetch_row(const T* row, bool write = false) const {
     const char* bytes = reinterpret_cast<const char*>(row);
-    for (int off = 0; off < p_.D * int(sizeof(T)); off += 64) __builtin_prefetch(bytes + off);
+    for (int off = 0; off < p_.D * int(sizeof(T)); off += 64) {
+      if (write) __builtin_prefetch(bytes + off, 1);
+      else __builtin_prefetch(bytes + off);
+    }
   }
 
   // The memories of chunk c of sequence b as rows of kn_ / vn_, read by id from the bank
