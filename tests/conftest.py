@@ -46,3 +46,13 @@ def sample_inputs():
         return testing.SAMPLE_INPUTS[op](device, **kwargs)
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is faster than two, and far faster on a shared machine
+    (modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

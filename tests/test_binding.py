@@ -17,12 +17,7 @@ from memory3.train.trainer import LossModel, Trainer
 KB = SyntheticKnowledgeBase(SyntheticConfig(n_train=60, n_heldout=10, n_names=100, seed=2))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,7 @@ from memory3.train.trainer import Trainer
 KB = SyntheticKnowledgeBase(SyntheticConfig(n_train=120, n_heldout=20, n_names=200, seed=1))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than two, and far faster on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 
 @pytest.fixture(scope="module")
