@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import pytest
 import torch
 import verify
-from timing import median_time
+from timing import median_time, thread_counts
 
 import memory3  # noqa: F401  (loads memory3._C)
 from memory3.pq import train_pq_codebook
@@ -153,7 +153,7 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--threads", default=None, help="thread counts to run at, e.g. 1,2 (default: torch's)")
     cli = parser.parse_args()
-    for threads in [int(t) for t in cli.threads.split(",")] if cli.threads else [torch.get_num_threads()]:
+    for threads in thread_counts(cli.threads, torch.get_num_threads()):
         torch.set_num_threads(threads)
         for codec in CODECS:
             r = measure(codec, repeats=cli.repeats)

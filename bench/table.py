@@ -25,6 +25,7 @@ import bench_codecs
 import bench_gather_memory
 import bench_memory_attention
 import bench_model
+from timing import thread_counts
 
 
 def rows(quick: bool) -> list[tuple]:
@@ -88,7 +89,7 @@ def main() -> None:
     default_threads = torch.get_num_threads()
     print(f"# memory3 CPU kernels — torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores")
-    for threads in [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]:
+    for threads in thread_counts(args.threads, torch.get_num_threads()):
         torch.set_num_threads(threads)
         print("\n".join(versus_rows(args.quick)), flush=True)
     if args.versus_only:

@@ -18,3 +18,16 @@ def median_time(fn, repeats: int = 50, warmup: int = 3, budget_s: float = 5.0) -
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def thread_counts(arg: str | None, default: int) -> list[int]:
+    """The thread counts of a `--threads 1,2` option (`default` when it is not given)."""
+    if not arg:
+        return [default]
+    try:
+        counts = [int(t) for t in arg.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"--threads must be positive integers separated by commas, e.g. 1,2; got {arg!r}")
+    return counts
